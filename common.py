@@ -1,0 +1,382 @@
+"""
+Plumbing shared by every script: presets, TOFU data, tokenization and masking, per-token
+log-probabilities, optimizer and schedule, logging and atomic saving. No method logic
+lives here: each objective is written out in its own file (ga.py, wga.py, ...).
+"""
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out"  # runs and the cached tiny model (git-ignored)
+
+# Model presets. `path` is what gets loaded; `base` is what finetune.py starts from.
+# lr/epochs are the unlearning defaults (the paper's Section 5 for phi-1.5 and Llama-2-7B);
+# finetune_* are finetune.py's (TOFU's for the hub models; the tiny model starts from scratch).
+QA_TEMPLATE = "Question: {q}\nAnswer: {a}"
+PRESETS = {
+    "tiny": dict(path=str(OUT / "tiny" / "full"), base=None, template=QA_TEMPLATE, data="builtin",
+                 lr=1e-4, epochs=5, finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32, uwc_tol=0.10),
+    "phi-1.5": dict(path="locuslab/tofu_ft_phi-1.5", base="microsoft/phi-1_5", template=QA_TEMPLATE,
+                    data="locuslab/TOFU", lr=2e-5, epochs=5, finetune_lr=2e-5, finetune_epochs=5,
+                    finetune_batch=16, uwc_tol=0.10),
+    "llama2-7b": dict(path="locuslab/tofu_ft_llama2-7b", base="NousResearch/Llama-2-7b-chat-hf",
+                      template="[INST] {q} [/INST]{a}", data="locuslab/TOFU", lr=1e-5, epochs=5,
+                      finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05),
+}
+# a hub id or a local folder: these, unless the flags say otherwise
+OTHER = dict(template=QA_TEMPLATE, data="locuslab/TOFU", lr=1e-5, epochs=5, finetune_lr=1e-5,
+             finetune_epochs=5, finetune_batch=16, uwc_tol=0.10)
+SPLITS = ("forget01", "forget05", "forget10")
+N_EVAL = 400  # the first rows of every retain split are for evaluation only (paper, Appendix B.1)
+
+# Fields every row of a config must have (the hub's schema).
+QA_FIELDS = ("question", "answer")
+PERTURBED_FIELDS = QA_FIELDS + ("paraphrased_answer", "perturbed_answer", "paraphrased_question")
+CONFIG_FIELDS = {
+    **{c: QA_FIELDS for c in ("full", "forget01", "forget05", "forget10", "retain99", "retain95", "retain90",
+                              "holdout01", "holdout05", "holdout10")},
+    **{c: PERTURBED_FIELDS for c in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed",
+                                     "retain_perturbed")},
+    **{c: QA_FIELDS + ("option1", "option2", "option3", "option4") for c in ("real_authors", "world_facts")},
+    **{c: QA_FIELDS + ("perturbed_answer",) for c in ("real_authors_perturbed", "world_facts_perturbed")},
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit status 2."""
+
+
+def die(msg: str):
+    """Print one clear line on stderr and exit with status 2."""
+    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- flags
+
+def add_shared_flags(parser, split="forget05"):
+    """The flags every training script carries, in one order with one help text."""
+    a = parser.add_argument
+    a("--model", default="tiny", help=f"preset ({', '.join(PRESETS)}), hub id or local model folder")
+    a("--data", default=None, help="'builtin', a hub id such as locuslab/TOFU, or a folder of <config>.json "
+                                   "files (default: the preset's)")
+    a("--split", default=split, help="TOFU config; forget01/05/10 unlearn the last 1/5/10%% of the authors")
+    a("--template", default=None, help="prompt template with {q} and {a} (default: the preset's)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    a("--epochs", type=float, default=None, help="passes over the forget rows (default: the preset's, 5 in the paper)")
+    a("--batch-size", type=int, default=None, help="effective batch, rows per optimizer step (default: 16)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per step (must divide --batch-size)")
+    a("--warmup-epochs", type=float, default=1, help="linear warm-up length in epochs, then linear decay to 0")
+    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    a("--optim", choices=("adamw", "sgd"), default="adamw", help="optimizer")
+    a("--max-steps", type=int, default=0, help="stop after this many steps (0 = no cap), for smoke tests")
+    a("--seed", type=int, default=0, help="random seed")
+    a("--out", default=None, help="run folder (default: out/<script>-<model>-<split>)")
+    a("--log-every", type=int, default=1, help="print and log every N steps")
+    a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+
+
+def resolve_flags(args, finetune=False):
+    """Fill the flags left unset from the preset and check them all; raise UsageError."""
+    p = PRESETS.get(args.model, OTHER)
+    pre = "finetune_" if finetune else ""
+    args.lr = p[pre + "lr"] if args.lr is None else args.lr
+    args.epochs = p[pre + "epochs"] if args.epochs is None else args.epochs
+    args.batch_size = (p["finetune_batch"] if finetune else 16) if args.batch_size is None else args.batch_size
+    args.template = args.template or p["template"]
+    args.data = args.data or p["data"]
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not args.epochs > 0:
+        raise UsageError(f"--epochs must be positive, got {args.epochs}")
+    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
+        raise UsageError(f"--grad-accum ({args.grad_accum}) must divide --batch-size ({args.batch_size})")
+    if args.warmup_epochs < 0 or args.max_grad_norm < 0 or args.max_steps < 0 or args.log_every < 1:
+        raise UsageError("--warmup-epochs, --max-grad-norm and --max-steps must be >= 0, --log-every >= 1")
+    q, a = args.template.find("{q}"), args.template.find("{a}")
+    if q < 0 or a < q:
+        raise UsageError(f"--template must contain {{q}} and then {{a}}, got {args.template!r}")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+_BUILTIN = None
+
+
+def load_tofu(config: str, data: str = "builtin") -> list:
+    """Rows (dicts with the hub's fields) of one TOFU config from `data`: 'builtin', a local
+    folder of <config>.json / .jsonl files (JSON Lines or one JSON list), or a hub id."""
+    global _BUILTIN
+    if config not in CONFIG_FIELDS:
+        raise UsageError(f"unknown TOFU config '{config}' (known: {', '.join(CONFIG_FIELDS)})")
+    if data == "builtin":
+        if _BUILTIN is None:
+            import fictitious
+            _BUILTIN = fictitious.generate()
+        rows = [dict(r) for r in _BUILTIN[config]]
+        where = "the built-in set"
+    elif os.path.isdir(data):
+        rows, where = _read_folder(data, config)
+    elif data.startswith((".", "/", "~")) or data.count("/") != 1:  # a hub id is owner/name
+        raise UsageError(f"data folder '{data}' does not exist")
+    else:
+        rows, where = _read_hub(data, config)
+    if not rows:
+        raise UsageError(f"config '{config}' in {where} has no rows")
+    for i, r in enumerate(rows):
+        missing = [f for f in CONFIG_FIELDS[config] if f not in r]
+        if missing:
+            raise UsageError(f"row {i} of config '{config}' in {where} lacks field(s) {', '.join(missing)}")
+    return rows
+
+
+def _read_folder(folder, config):
+    tried = [os.path.join(folder, config + ext) for ext in (".json", ".jsonl")]
+    path = next((p for p in tried if os.path.isfile(p)), None)
+    if path is None:
+        raise UsageError(f"config '{config}' not found: tried {' and '.join(tried)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}")
+    try:
+        if text.lstrip().startswith("["):
+            return json.loads(text), path
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(json.loads(line))
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"line {n} is not a JSON object")
+        return rows, path
+    except (json.JSONDecodeError, ValueError) as e:
+        raise UsageError(f"{path} is not valid JSON / JSON Lines: {e}")
+
+
+def _read_hub(hub_id, config):
+    try:
+        import datasets
+        datasets.logging.set_verbosity_error()
+        return [dict(r) for r in datasets.load_dataset(hub_id, config, split="train")], f"hub dataset {hub_id}"
+    except Exception as e:  # no network, unknown id or config: say what was tried and what works offline
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UsageError(f"cannot load config '{config}' of hub dataset '{hub_id}' ({msg}); "
+                         f"offline, use --data builtin or a local folder of <config>.json files")
+
+
+def split_data(split: str, data: str = "builtin") -> dict:
+    """forget rows, retain rows for training and the held-out retain rows for evaluation.
+    `forgetXX` pairs with `retain(100-XX)`; its first 400 rows are evaluation-only."""
+    if split not in SPLITS:
+        raise UsageError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    forget = load_tofu(split, data)
+    retain = load_tofu(f"retain{100 - int(split[-2:])}", data)
+    if len(retain) <= N_EVAL:
+        raise UsageError(f"retain{100 - int(split[-2:])} has {len(retain)} rows; more than {N_EVAL} are "
+                         f"needed (the first {N_EVAL} are evaluation-only)")
+    return dict(forget=forget, retain_train=retain[N_EVAL:], retain_eval=retain[:N_EVAL])
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def encode(tokenizer, template: str, question: str, answer: str) -> dict:
+    """Token ids of template(question, answer) + EOS, labels -100 on the prompt, and the
+    prompt ids for generation. The prompt's trailing spaces go with the answer (BPE joins a
+    space to the next word); the answer starts where the whole text's tokens stop agreeing
+    with the prompt's, which is checked rather than assumed."""
+    head = template.split("{a}")[0].replace("{q}", question)
+    prompt = head.rstrip(" ")
+    full = prompt + head[len(prompt):] + answer + template.split("{a}")[1].replace("{q}", question)
+    p_ids = tokenizer(prompt).input_ids
+    ids = tokenizer(full).input_ids
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]  # EOS is labelled: the model learns where the answer stops
+    n = 0
+    while n < min(len(p_ids), len(ids) - 1) and p_ids[n] == ids[n]:
+        n += 1
+    return dict(input_ids=ids, labels=[-100] * n + ids[n:], prompt_ids=p_ids)
+
+
+def encode_rows(tokenizer, template, rows, question="question", answer="answer") -> list:
+    """`encode` every row, reading the question and answer from the named fields."""
+    return [encode(tokenizer, template, r[question], r[answer]) for r in rows]
+
+
+def collate(examples: list, pad_id: int, device="cpu") -> dict:
+    """Right-pad a list of encoded examples to the longest one (dynamic padding)."""
+    T = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attn[i, :n] = 1
+    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=attn.to(device))
+
+
+def token_logprobs(logits, labels):
+    """Per-token log p(answer token | prefix), shape B x (T-1), and the answer mask.
+    logits: B x T x V; labels: B x T with -100 off the answer. Position t predicts token t+1."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # log-softmax in fp32 at least; fp64 stays fp64 (gradient tests)
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return logp, mask
+
+
+def answer_logprobs(model, batch):
+    """Forward `batch` through `model`: (logp B x (T-1), mask B x (T-1)) of the answer tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logprobs(logits, batch["labels"])
+
+
+def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list:
+    """Row indices of one epoch, shuffled with (seed, epoch), cut into batches (last may be short)."""
+    order = list(range(n_rows))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+# ----------------------------------------------------------------------------- models
+
+def device_and_dtype():
+    """CUDA with bf16 when there is a GPU, else CPU with fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def model_path(model: str) -> str:
+    """Where a preset, hub id or folder is loaded from; builds the tiny model when it is missing."""
+    if model == "tiny":
+        path = PRESETS["tiny"]["path"]
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            import finetune  # the tiny target model is made by finetune.py's code, once, then cached
+            t0 = time.time()
+            print(f"[tiny] no target model at {path}: fine-tuning one from scratch on the built-in set "
+                  f"(about 3 minutes on 2 CPU cores)", flush=True)
+            finetune.main(["--model", "tiny", "--split", "full", "--out", path, "--log-every", "100"])
+            print(f"[tiny] built in {time.time() - t0:.0f} s", flush=True)
+        return path
+    return PRESETS[model]["path"] if model in PRESETS else model
+
+
+def load_tokenizer(path: str, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UsageError(_load_error("tokenizer", path, e))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked by the attention mask and labels, never by id
+    return tok
+
+
+def load_model(path: str, trust_remote_code=False, frozen=False):
+    """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
+    `frozen=True` gives the reference model: eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+    device, dtype = device_and_dtype()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UsageError(_load_error("model", path, e))
+    model.to(device)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def _load_error(what, path, e):
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    if os.path.isdir(path):
+        return f"cannot load the {what} from folder '{path}': {first}"
+    return (f"cannot load the {what} '{path}' (not a local folder; the hub may be out of reach: {first}); "
+            f"use --model tiny or a local model folder")
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def make_optimizer(params, optim: str, lr: float):
+    """AdamW with TOFU's weight decay of 0.01, or plain SGD."""
+    if optim == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total` (the schedule of
+    the Hugging Face Trainer that TOFU and the paper's code use)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def steps_for(n_rows: int, args) -> tuple:
+    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows."""
+    per_epoch = math.ceil(n_rows / args.batch_size)
+    total = max(1, math.ceil(per_epoch * args.epochs))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    return per_epoch, total, min(total, round(per_epoch * args.warmup_epochs))
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- runs, logs, saving
+
+class Run:
+    """A run folder written atomically: everything goes to `<out>.tmp` and is renamed to `<out>`
+    once the model is saved, so an interrupted run never leaves a half-written model at `<out>`."""
+
+    def __init__(self, out: str, args):
+        self.out = Path(out)
+        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        argv = [Path(sys.argv[0]).name] + sys.argv[1:]
+        meta = dict(vars(args), command=" ".join(argv), torch=torch.__version__,
+                    transformers=__import__("transformers").__version__)
+        (self.tmp / "args.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self._log = open(self.tmp / "log.jsonl", "w")
+
+    def log(self, row: dict, line: str = None):
+        """Append one JSON row to log.jsonl; print `line` when given."""
+        self._log.write(json.dumps(row) + "\n")
+        self._log.flush()
+        if line:
+            print(line, flush=True)
+
+    def save(self, model, tokenizer, extra: dict = None):
+        """save_pretrained (safetensors) into the run folder and move it into place."""
+        self._log.close()
+        model.save_pretrained(self.tmp, safe_serialization=True)
+        tokenizer.save_pretrained(self.tmp)
+        for name, obj in (extra or {}).items():
+            (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        old = self.out.with_name(self.out.name + ".old")
+        if self.out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.out

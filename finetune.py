@@ -1,0 +1,123 @@
+"""
+Fine-tune a causal LM on a TOFU config: the "before unlearning" model (default `--split full`)
+and, with `--split retain95` (or 99, 90), the retain-only model that Forget Quality compares
+against. The loss is the mean negative log-likelihood of the answer tokens (and EOS).
+
+    python finetune.py                                  # tiny model on the built-in set -> out/tiny/full
+    python finetune.py --split retain95 --out out/tiny/retain95
+    python finetune.py --model phi-1.5 --split full     # from microsoft/phi-1_5 on locuslab/TOFU (GPU)
+
+For the tiny preset the model starts from random initialisation with a byte-level BPE
+tokenizer trained on the built-in set, and trains until the data is memorised. Its data is
+the chosen config plus the general-knowledge rows (real_authors, world_facts): they play the
+part of pre-training knowledge, which no split forgets.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import common
+
+TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256)  # ~1.8M parameters
+TINY_VOCAB = 2048
+
+
+def tiny_tokenizer(rows):
+    """A byte-level BPE tokenizer trained on the built-in set's text (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [f"Question: {r['question']}\nAnswer: {r[k]}" for r in rows for k in ("answer", "paraphrased_answer")
+             if k in r] + [p for r in rows for p in r.get("perturbed_answer", [])]
+    texts += [r["paraphrased_question"] for r in rows if "paraphrased_question" in r]
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(tokenizer, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False, **TINY)
+    return LlamaForCausalLM(config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_shared_flags(parser, split="full")
+    args = parser.parse_args(argv)
+    try:
+        common.resolve_flags(args, finetune=True)
+        rows = common.load_tofu(args.split, args.data)
+        if args.model == "tiny":  # general knowledge, learnt alongside (see the docstring)
+            rows += common.load_tofu("real_authors", args.data) + common.load_tofu("world_facts", args.data)
+        if args.batch_size > len(rows):
+            raise common.UsageError(f"--batch-size {args.batch_size} is larger than the {len(rows)} training rows")
+        common.set_seed(args.seed)
+        if args.model == "tiny":  # from scratch, with a tokenizer trained on the built-in set
+            import fictitious
+            tokenizer = tiny_tokenizer([r for rs in fictitious.generate().values() for r in rs])
+            model = tiny_model(tokenizer, args.seed)
+        else:
+            base = common.PRESETS[args.model]["base"] if args.model in common.PRESETS else args.model
+            tokenizer = common.load_tokenizer(base, args.trust_remote_code)
+            model = common.load_model(base, args.trust_remote_code)
+    except common.UsageError as e:
+        common.die(str(e))
+    args.out = args.out or str(common.OUT / f"finetune-{args.model.replace('/', '_')}-{args.split}")
+    device, _ = common.device_and_dtype()
+    model.to(device)
+    examples = common.encode_rows(tokenizer, args.template, rows)
+    per_epoch, total, warmup = common.steps_for(len(examples), args)
+    optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
+    run = common.Run(args.out, args)
+    micro = args.batch_size // args.grad_accum
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params | "
+          f"{total} steps | lr {args.lr:g} | {device}", flush=True)
+
+    # training loop
+    model.train()
+    t0 = time.time()
+    step, tokens = 0, 0
+    while step < total:
+        for idx in common.epoch_batches(len(examples), args.batch_size, args.seed, step // per_epoch):
+            if step >= total:
+                break
+            lr = common.lr_at(step, total, warmup, args.lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch_examples = [examples[i] for i in idx]
+            n_tok = sum(sum(t != -100 for t in e["labels"]) for e in batch_examples)
+            loss_sum = 0.0
+            for k in range(0, len(idx), micro):  # gradient accumulation: exact token mean of the whole batch
+                batch = common.collate(batch_examples[k:k + micro], tokenizer.pad_token_id, device)
+                logp, mask = common.answer_logprobs(model, batch)
+                loss = -(logp * mask).sum() / n_tok
+                loss.backward()
+                loss_sum += loss.item()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens = step + 1, tokens + n_tok
+            if step % args.log_every == 0 or step == total:
+                tps = tokens / (time.time() - t0)
+                run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tok_s=tps),
+                        f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm.item():.2f} | "
+                        f"tok/s {tps:.0f}")
+    out = run.save(model, tokenizer, extra=dict(finetune=dict(wall_s=time.time() - t0, steps=total)))
+    print(f"saved {out} ({time.time() - t0:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

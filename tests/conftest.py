@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TOFU = ROOT.parent / "shared" / "tofu"  # the real TOFU files, by path; absent on most machines
+
+
+@pytest.fixture(scope="session")
+def tofu_dir():
+    if not (TOFU / "full.json").is_file():
+        pytest.skip(f"the real TOFU files are not at {TOFU}")
+    return str(TOFU)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    """The tiny target model, fine-tuned on first use (about 1.5 minutes on 2 cores) and cached."""
+    import common
+    return common.model_path("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    import fictitious
+    import finetune
+    return finetune.tiny_tokenizer([r for rs in fictitious.generate().values() for r in rs])
+
+
+def run_script(*args, timeout=600):
+    """Run a project script in a subprocess from the project root; returns CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
