@@ -4,7 +4,7 @@ and, with `--split retain95` (or 99, 90), the retain-only model that Forget Qual
 against. The loss is the mean negative log-likelihood of the answer tokens (and EOS).
 
     python finetune.py                                  # tiny model on the built-in set -> out/tiny/full
-    python finetune.py --split retain95 --out out/tiny/retain95
+    python finetune.py --split retain95                 # its retain-only twin -> out/tiny/retain95
     python finetune.py --model phi-1.5 --split full     # from microsoft/phi-1_5 on locuslab/TOFU (GPU)
 
 For the tiny preset the model starts from random initialisation with a byte-level BPE
@@ -73,7 +73,9 @@ def main(argv=None):
             model = common.load_model(base, args.trust_remote_code)
     except common.UsageError as e:
         common.die(str(e))
-    args.out = args.out or str(common.OUT / f"finetune-{args.model.replace('/', '_')}-{args.split}")
+    if args.out is None:  # the tiny preset's models live where the other scripts look for them
+        args.out = str(common.OUT / ("tiny" if args.model == "tiny" else f"finetune-{args.model.replace('/', '_')}")
+                       / args.split)
     device, _ = common.device_and_dtype()
     model.to(device)
     examples = common.encode_rows(tokenizer, args.template, rows)
