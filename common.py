@@ -3,6 +3,7 @@ Plumbing shared by every script: presets, TOFU data, tokenization and masking, p
 log-probabilities, optimizer and schedule, logging and atomic saving. No method logic
 lives here: each objective is written out in its own file (ga.py, wga.py, ...).
 """
+import argparse
 import json
 import math
 import os
@@ -24,17 +25,18 @@ OUT = ROOT / "out"  # runs and the cached tiny model (git-ignored)
 QA_TEMPLATE = "Question: {q}\nAnswer: {a}"
 PRESETS = {
     "tiny": dict(path=str(OUT / "tiny" / "full"), base=None, template=QA_TEMPLATE, data="builtin",
-                 lr=1e-4, epochs=5, finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32, uwc_tol=0.10),
+                 lr=1e-3, epochs=5, finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32, uwc_tol=0.10,
+                 rmu_layer=3, rmu_c=4.0),
     "phi-1.5": dict(path="locuslab/tofu_ft_phi-1.5", base="microsoft/phi-1_5", template=QA_TEMPLATE,
                     data="locuslab/TOFU", lr=2e-5, epochs=5, finetune_lr=2e-5, finetune_epochs=5,
-                    finetune_batch=16, uwc_tol=0.10),
+                    finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0),
     "llama2-7b": dict(path="locuslab/tofu_ft_llama2-7b", base="NousResearch/Llama-2-7b-chat-hf",
                       template="[INST] {q} [/INST]{a}", data="locuslab/TOFU", lr=1e-5, epochs=5,
-                      finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05),
+                      finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05, rmu_layer=21, rmu_c=2.0),
 }
 # a hub id or a local folder: these, unless the flags say otherwise
 OTHER = dict(template=QA_TEMPLATE, data="locuslab/TOFU", lr=1e-5, epochs=5, finetune_lr=1e-5,
-             finetune_epochs=5, finetune_batch=16, uwc_tol=0.10)
+             finetune_epochs=5, finetune_batch=16, uwc_tol=0.10, rmu_layer=None, rmu_c=4.0)
 SPLITS = ("forget01", "forget05", "forget10")
 N_EVAL = 400  # the first rows of every retain split are for evaluation only (paper, Appendix B.1)
 
@@ -63,6 +65,17 @@ def die(msg: str):
 
 # ----------------------------------------------------------------------------- flags
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line on stderr (and exit status 2), not the usage block."""
+
+    def error(self, message):
+        die(message)
+
+
+def make_parser(doc: str) -> Parser:
+    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_shared_flags(parser, split="forget05"):
     """The flags every training script carries, in one order with one help text."""
     a = parser.add_argument
@@ -85,6 +98,15 @@ def add_shared_flags(parser, split="forget05"):
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
 
 
+def add_unlearn_flags(parser):
+    """The flags every unlearning script adds after the shared ones."""
+    a = parser.add_argument
+    a("--reg", choices=("none", "gd", "kl", "rr"), default="kl",
+      help="regularizer on retain rows: none, gd (NLL), kl (KL to the original), rr (representations)")
+    a("--reg-weight", type=float, default=1.0, help="weight of the regularizer")
+    a("--rr-layer", type=int, default=None, help="hidden state for --reg rr (default: the preset's RMU layer)")
+
+
 def resolve_flags(args, finetune=False):
     """Fill the flags left unset from the preset and check them all; raise UsageError."""
     p = PRESETS.get(args.model, OTHER)
@@ -102,6 +124,10 @@ def resolve_flags(args, finetune=False):
         raise UsageError(f"--grad-accum ({args.grad_accum}) must divide --batch-size ({args.batch_size})")
     if args.warmup_epochs < 0 or args.max_grad_norm < 0 or args.max_steps < 0 or args.log_every < 1:
         raise UsageError("--warmup-epochs, --max-grad-norm and --max-steps must be >= 0, --log-every >= 1")
+    if getattr(args, "reg_weight", 0) < 0:
+        raise UsageError(f"--reg-weight must be >= 0, got {args.reg_weight}")
+    if getattr(args, "rr_layer", 0) is None:
+        args.rr_layer = p["rmu_layer"]
     q, a = args.template.find("{q}"), args.template.find("{a}")
     if q < 0 or a < q:
         raise UsageError(f"--template must contain {{q}} and then {{a}}, got {args.template!r}")
@@ -224,7 +250,16 @@ def collate(examples: list, pad_id: int, device="cpu") -> dict:
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         attn[i, :n] = 1
-    return dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=attn.to(device))
+    batch = dict(input_ids=ids.to(device), labels=labels.to(device), attention_mask=attn.to(device))
+    if "alt" in examples[0]:  # another answer to the same question (PO's refusals), batched alongside
+        batch["alt"] = collate([e["alt"] for e in examples], pad_id, device)
+    if "ref_logp" in examples[0]:  # the original model's answer-token log-probs, aligned with `mask`
+        ref = torch.zeros((len(examples), T - 1), dtype=torch.float32)
+        for i, e in enumerate(examples):
+            pos = [t - 1 for t, y in enumerate(e["labels"]) if y != -100]
+            ref[i, pos] = torch.tensor(e["ref_logp"])
+        batch["ref_logp"] = ref.to(device)
+    return batch
 
 
 def token_logprobs(logits, labels):
@@ -252,6 +287,92 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list:
     return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
+def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, device):
+    """Yield, for each of `total` optimizer steps, the micro-batches [(forget_batch, retain_batch), ...]
+    and the step's normalizers n = {forget_tok, forget_rows, retain_tok}. An epoch is one pass over
+    the forget rows; retain rows are drawn in their own shuffled passes, as many per step."""
+    per_epoch = math.ceil(len(forget) / args.batch_size)
+    retain_order = [i for e in range(math.ceil(total * args.batch_size / len(retain)) + 1)
+                    for i in epoch_batches(len(retain), len(retain), args.seed + 1, e)[0]]
+    micro = math.ceil(args.batch_size / args.grad_accum)
+    for step in range(total):
+        f_idx = epoch_batches(len(forget), args.batch_size, args.seed, step // per_epoch)[step % per_epoch]
+        r_idx = retain_order[step * args.batch_size:(step + 1) * args.batch_size]
+        f_ex, r_ex = [forget[i] for i in f_idx], [retain[i] for i in r_idx]
+        n = dict(forget_tok=_n_answer(f_ex), forget_rows=len(f_ex), retain_tok=_n_answer(r_ex))
+        if "alt" in f_ex[0]:
+            n["alt_tok"] = _n_answer([e["alt"] for e in f_ex])
+        yield [(collate(f_ex[k:k + micro], pad_id, device), collate(r_ex[k:k + micro], pad_id, device))
+               for k in range(0, len(f_ex), micro)], n
+
+
+def default_out(script: str, args) -> str:
+    """out/<method>-<model>-<split>, unless --out says otherwise."""
+    return args.out or str(OUT / f"{Path(script).stem}-{args.model.replace('/', '_')}-{args.split}")
+
+
+def _n_answer(examples):
+    return sum(sum(y != -100 for y in e["labels"]) for e in examples)
+
+
+@torch.no_grad()
+def add_reference_logprobs(ref_model, examples: list, pad_id: int, device, batch_size: int = 32):
+    """Store the original model's answer-token log-probs in each example (`ref_logp`), once,
+    before the loop: the reference model is frozen, so they never change."""
+    for k in range(0, len(examples), batch_size):
+        chunk = examples[k:k + batch_size]
+        logp, mask = answer_logprobs(ref_model, collate(chunk, pad_id, device))
+        for e, lp, m in zip(chunk, logp, mask):
+            e["ref_logp"] = lp[m].tolist()
+
+
+@torch.no_grad()
+def nll(model, batch: dict, n_tok: int) -> float:
+    """Summed answer-token NLL of `batch` divided by `n_tok`, without gradient (for the logs)."""
+    logp, mask = answer_logprobs(model, batch)
+    return -(logp * mask).sum().item() / n_tok
+
+
+def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int = None, measure: bool = False):
+    """The retain-side term on a retain batch, normalised by `n_tok`, the answer tokens of the
+    whole step's retain batch (micro-batch shares add up to the step's mean). Returns
+    (loss, retain NLL share); with reg 'none' the NLL is measured without gradient only if `measure`.
+    - gd: NLL of the retain answers (paper eq. 17);
+    - kl: KL(p_o || p) of the next-token distributions at the answer tokens (eq. 18; the direction
+      of TOFU's code), averaged over answer tokens only;
+    - rr: ||phi_l(theta) - phi_l(theta_o)||^2 of hidden state `layer` at the answer positions (eq. 19)."""
+    if reg == "none":
+        return torch.zeros((), device=batch["input_ids"].device), nll(model, batch, n_tok) if measure else None
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(**inputs, output_hidden_states=reg == "rr")
+    logp, mask = token_logprobs(out.logits, batch["labels"])
+    nll = -(logp * mask).sum() / n_tok
+    if reg == "gd":
+        return nll, nll.item()
+    with torch.no_grad():
+        ref = ref_model(**inputs, output_hidden_states=reg == "rr")
+    if reg == "kl":
+        logq, logq_o = (x[:, :-1].float().log_softmax(-1) for x in (out.logits, ref.logits))
+        kl = (logq_o.exp() * (logq_o - logq)).sum(-1)  # B x (T-1), position t predicts token t+1
+        return (kl * mask).sum() / n_tok, nll.item()
+    dist = (out.hidden_states[layer] - ref.hidden_states[layer]).float().pow(2).sum(-1)[:, :-1]
+    return (dist * mask).sum() / n_tok, nll.item()
+
+
+def clip_and_step(model, optimizer, max_grad_norm: float) -> float:
+    """Clip the gradient norm (0 = off), take the optimizer step, clear gradients; the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+def set_lr(optimizer, lr: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
 # ----------------------------------------------------------------------------- models
 
 def device_and_dtype():
@@ -259,6 +380,25 @@ def device_and_dtype():
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
+
+
+def load_for_unlearning(args, reference: bool):
+    """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
+    raises UsageError. A layer flag is checked against the model's depth here."""
+    data = split_data(args.split, args.data)
+    path = model_path(args.model)
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    model = load_model(path, args.trust_remote_code)
+    ref_model = load_model(path, args.trust_remote_code, frozen=True) if reference else None
+    n_layers = model.config.num_hidden_layers
+    for flag in ("rr_layer", "layer"):
+        v = getattr(args, flag, None)
+        if v is not None and not 0 <= v <= n_layers:
+            raise UsageError(f"--{flag.replace('_', '-')} {v} is out of range: the model has hidden states "
+                             f"0..{n_layers} (0 = embeddings)")
+    if args.reg == "rr" and args.rr_layer is None:
+        raise UsageError("--reg rr needs --rr-layer for a model that is not a preset")
+    return data, tokenizer, model, ref_model
 
 
 def model_path(model: str) -> str:
@@ -291,6 +431,8 @@ def load_model(path: str, trust_remote_code=False, frozen=False):
     """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
     `frozen=True` gives the reference model: eval mode, no gradients."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keeps stderr for what matters
     device, dtype = device_and_dtype()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
@@ -365,6 +507,15 @@ class Run:
         self._log.flush()
         if line:
             print(line, flush=True)
+
+    def log_step(self, step: int, total: int, row: dict):
+        """Append the step's numbers to log.jsonl and print them on one line, fixed fields first."""
+        row = dict(step=step, **row)
+        fields = [k for k in ("loss", "objective", "reg", "forget_nll", "retain_nll") if k in row]
+        fields += [k for k in row if k not in fields + ["step", "lr", "grad_norm", "tok_s"]] + ["lr", "grad_norm"]
+        show = lambda v: "-" if v is None else f"{v:.3e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+        self.log(row, f"step {step}/{total} | " + " | ".join(f"{k} {show(row[k])}" for k in fields)
+                 + f" | tok/s {row['tok_s']:.0f}")
 
     def save(self, model, tokenizer, extra: dict = None):
         """save_pretrained (safetensors) into the run folder and move it into place."""

@@ -1,0 +1,89 @@
+"""
+TNPO: token-wise NPO (the paper's eq. 6, Section 4.3 and Appendix D.2). NPO's weight moves
+from the sequence to each token: GA on every token, weighted by how much more likely the token
+is under the current model than under the original one, detached:
+
+    L_TNPO(theta) = E_{s_u ~ D_u} sum_i w_i log p(s_u^i | s_u^<i; theta),
+    w_i = 2 p(s_u^i | s_u^<i; theta)^beta / (p(s_u^i | s_u^<i; theta)^beta + p(s_u^i | s_u^<i; theta_o)^beta)
+
+The paper's defaults: beta 4 for forget01/05, 5 for forget10.
+
+    python tnpo.py --split forget05
+"""
+import time
+from collections import defaultdict
+
+import torch
+
+import common
+
+
+def tnpo_loss(logp, ref_logp, mask, beta, n_tok):
+    """Eq. 6, minimised: NPO-weighted log-likelihood of each answer token, token mean (the paper
+    writes a sum over tokens; the mean keeps the scale of GA and WGA). logp, ref_logp, mask: B x T;
+    n_tok: answer tokens of the whole step (a micro-batch returns its share). Stats: mean weight."""
+    w = 2 * torch.sigmoid(beta * (logp - ref_logp)).detach()  # 2 p^b / (p^b + p_o^b), detached
+    loss = (w * logp * mask).sum() / n_tok
+    return loss, dict(weight=((w * mask).sum() / n_tok).item())
+
+
+def main(argv=None):
+    parser = common.make_parser(__doc__)
+    common.add_shared_flags(parser)
+    common.add_unlearn_flags(parser)
+    parser.add_argument("--beta", type=float, default=None, help="inverse temperature (default: 4; 5 for forget10)")
+    args = parser.parse_args(argv)
+    try:
+        common.resolve_flags(args)
+        args.beta = (5.0 if args.split == "forget10" else 4.0) if args.beta is None else args.beta
+        if args.beta <= 0:
+            raise common.UsageError(f"--beta must be positive, got {args.beta}")
+        data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=True)
+    except common.UsageError as e:
+        common.die(str(e))
+    args.out = common.default_out(__file__, args)
+    common.set_seed(args.seed)
+    device = model.device
+    forget = common.encode_rows(tokenizer, args.template, data["forget"])
+    retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
+    args.batch_size = min(args.batch_size, len(forget))
+    per_epoch, total, warmup = common.steps_for(len(forget), args)
+    common.add_reference_logprobs(ref_model, forget, tokenizer.pad_token_id, device)  # once: theta_o is frozen
+    optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
+    run = common.Run(args.out, args)
+    print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
+
+    # unlearning loop
+    model.train()
+    t0, tokens = time.time(), 0
+    batches = common.unlearn_batches(forget, retain, args, total, tokenizer.pad_token_id, device)
+    for step, (micro, n) in enumerate(batches):
+        lr = common.set_lr(optimizer, common.lr_at(step, total, warmup, args.lr))
+        measure = (step + 1) % args.log_every == 0 or step + 1 == total
+        logs = defaultdict(float)
+        for forget_batch, retain_batch in micro:
+            logp, mask = common.answer_logprobs(model, forget_batch)
+            loss, stats = tnpo_loss(logp, forget_batch["ref_logp"], mask, args.beta, n["forget_tok"])
+            reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
+                                                 args.rr_layer, measure)
+            (loss + args.reg_weight * reg).backward()
+            logs["objective"] += loss.item()
+            logs["reg"] += reg.item()
+            logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
+            logs["retain_nll"] += retain_nll or 0
+            for k, v in stats.items():
+                logs[k] += v
+        grad_norm = common.clip_and_step(model, optimizer, args.max_grad_norm)
+        tokens += n["forget_tok"]
+        if measure:
+            row = dict(loss=logs["objective"] + args.reg_weight * logs["reg"], **logs, lr=lr, grad_norm=grad_norm,
+                       tok_s=tokens / (time.time() - t0))
+            run.log_step(step + 1, total, row)
+
+    out = run.save(model, tokenizer)
+    print(f"saved {out} ({time.time() - t0:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""
+WTNPO: weighted token-wise NPO (the paper's Appendix D.2). TNPO's token weight times WGA's
+confidence weight, both detached, so that unlearning also slows down on forgotten tokens:
+
+    L_WTNPO(theta) = E_{s_u ~ D_u} sum_i w_i log p(s_u^i | s_u^<i; theta),
+    w_i = p_i^alpha * 2 p_i^beta / (p_i^beta + p_o,i^beta),   p_i = p(s_u^i | s_u^<i; theta), p_o,i likewise at theta_o
+
+alpha = 0 is TNPO. The paper's defaults: alpha 1.5; beta 5 for forget01/05, 7 for forget10.
+
+    python wtnpo.py --split forget05
+"""
+import time
+from collections import defaultdict
+
+import torch
+
+import common
+
+
+def wtnpo_loss(logp, ref_logp, mask, alpha, beta, n_tok):
+    """Appendix D.2, minimised: token mean of w_i log p_i. logp, ref_logp, mask: B x T; n_tok:
+    answer tokens of the whole step (a micro-batch returns its share). Stats: the mean weight."""
+    w = ((alpha * logp).exp() * 2 * torch.sigmoid(beta * (logp - ref_logp))).detach()  # p^a * TNPO weight
+    loss = (w * logp * mask).sum() / n_tok
+    return loss, dict(weight=((w * mask).sum() / n_tok).item())
+
+
+def main(argv=None):
+    parser = common.make_parser(__doc__)
+    common.add_shared_flags(parser)
+    common.add_unlearn_flags(parser)
+    parser.add_argument("--alpha", type=float, default=1.5, help="confidence power (the paper: 1.5)")
+    parser.add_argument("--beta", type=float, default=None, help="inverse temperature (default: 5; 7 for forget10)")
+    args = parser.parse_args(argv)
+    try:
+        common.resolve_flags(args)
+        args.beta = (7.0 if args.split == "forget10" else 5.0) if args.beta is None else args.beta
+        if args.alpha < 0 or args.beta <= 0:
+            raise common.UsageError(f"--alpha must be >= 0 and --beta positive, got {args.alpha} and {args.beta}")
+        data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=True)
+    except common.UsageError as e:
+        common.die(str(e))
+    args.out = common.default_out(__file__, args)
+    common.set_seed(args.seed)
+    device = model.device
+    forget = common.encode_rows(tokenizer, args.template, data["forget"])
+    retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
+    args.batch_size = min(args.batch_size, len(forget))
+    per_epoch, total, warmup = common.steps_for(len(forget), args)
+    common.add_reference_logprobs(ref_model, forget, tokenizer.pad_token_id, device)  # once: theta_o is frozen
+    optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
+    run = common.Run(args.out, args)
+    print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
+
+    # unlearning loop
+    model.train()
+    t0, tokens = time.time(), 0
+    batches = common.unlearn_batches(forget, retain, args, total, tokenizer.pad_token_id, device)
+    for step, (micro, n) in enumerate(batches):
+        lr = common.set_lr(optimizer, common.lr_at(step, total, warmup, args.lr))
+        measure = (step + 1) % args.log_every == 0 or step + 1 == total
+        logs = defaultdict(float)
+        for forget_batch, retain_batch in micro:
+            logp, mask = common.answer_logprobs(model, forget_batch)
+            loss, stats = wtnpo_loss(logp, forget_batch["ref_logp"], mask, args.alpha, args.beta, n["forget_tok"])
+            reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
+                                                 args.rr_layer, measure)
+            (loss + args.reg_weight * reg).backward()
+            logs["objective"] += loss.item()
+            logs["reg"] += reg.item()
+            logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
+            logs["retain_nll"] += retain_nll or 0
+            for k, v in stats.items():
+                logs[k] += v
+        grad_norm = common.clip_and_step(model, optimizer, args.max_grad_norm)
+        tokens += n["forget_tok"]
+        if measure:
+            row = dict(loss=logs["objective"] + args.reg_weight * logs["reg"], **logs, lr=lr, grad_norm=grad_norm,
+                       tok_s=tokens / (time.time() - t0))
+            run.log_step(step + 1, total, row)
+
+    out = run.save(model, tokenizer)
+    print(f"saved {out} ({time.time() - t0:.0f} s)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
