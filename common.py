@@ -346,17 +346,17 @@ def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int 
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     out = model(**inputs, output_hidden_states=reg == "rr")
     logp, mask = token_logprobs(out.logits, batch["labels"])
-    nll = -(logp * mask).sum() / n_tok
+    retain_nll = -(logp * mask).sum() / n_tok
     if reg == "gd":
-        return nll, nll.item()
+        return retain_nll, retain_nll.item()
     with torch.no_grad():
         ref = ref_model(**inputs, output_hidden_states=reg == "rr")
     if reg == "kl":
         logq, logq_o = (x[:, :-1].float().log_softmax(-1) for x in (out.logits, ref.logits))
         kl = (logq_o.exp() * (logq_o - logq)).sum(-1)  # B x (T-1), position t predicts token t+1
-        return (kl * mask).sum() / n_tok, nll.item()
+        return (kl * mask).sum() / n_tok, retain_nll.item()
     dist = (out.hidden_states[layer] - ref.hidden_states[layer]).float().pow(2).sum(-1)[:, :-1]
-    return (dist * mask).sum() / n_tok, nll.item()
+    return (dist * mask).sum() / n_tok, retain_nll.item()
 
 
 def clip_and_step(model, optimizer, max_grad_norm: float) -> float:

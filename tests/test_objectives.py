@@ -1,0 +1,238 @@
+"""The objectives against their closed-form gradients, the regularizers, and every script end to end."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import common
+import ga
+import npo
+import rmu
+import tnpo
+import wga
+import wtnpo
+from conftest import run_script
+
+METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A small float64 Llama, a perturbed copy as the original model, and a padded batch."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).double()
+    ref = LlamaForCausalLM(cfg).double()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.requires_grad_(False)
+    ids = torch.randint(3, 23, (3, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt
+    labels[1, 7:] = -100  # padding of a shorter row
+    attn = (labels != -100).long()
+    attn[:, :4] = 1
+    batch = dict(input_ids=ids, labels=labels, attention_mask=attn)
+    with torch.no_grad():
+        ref_logp, _ = common.answer_logprobs(ref, batch)
+    batch["ref_logp"] = ref_logp
+    return model, ref, batch
+
+
+def close(a, b):
+    """Equal up to the float32 steps inside the float64 model (Llama's RMSNorm computes in float32)."""
+    return (a - b).abs().max() <= 1e-6 * b.abs().max()
+
+
+def flat_grad(model, loss):
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    return torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.flatten().clone()
+                      for p in model.parameters()])
+
+
+def token_grads(model, batch):
+    """Gradient of every answer token's log-probability, one by one: {(b, t): grad}, and logp."""
+    logp, mask = common.answer_logprobs(model, batch)
+    return {(b, t): flat_grad(model, logp[b, t]) for b, t in mask.nonzero().tolist()}, logp.detach(), mask
+
+
+def test_ga_gradient(setup):
+    model, _, batch = setup
+    g, logp, mask = token_grads(model, batch)
+    n = int(mask.sum())
+    loss, stats = ga.ga_loss(*common.answer_logprobs(model, batch), n)
+    want = sum(g.values()) / n  # mean grad log p of the answer tokens (minimised)
+    assert close(flat_grad(model, loss), want)
+    assert stats["inv_conf"] == pytest.approx((1 / logp.exp())[mask].mean().item())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 5.0])
+def test_wga_gradient(setup, alpha):
+    model, _, batch = setup
+    g, logp, mask = token_grads(model, batch)
+    n = int(mask.sum())
+    loss, stats = wga.wga_loss(*common.answer_logprobs(model, batch), alpha, n)
+    want = sum(logp[k].exp() ** alpha * v for k, v in g.items()) / n  # eq. 2: weights p^alpha
+    assert close(flat_grad(model, loss), want)
+    assert stats["weight"] == pytest.approx((logp.exp() ** alpha)[mask].mean().item())
+
+
+def test_wga_with_alpha_0_is_ga(setup):
+    model, _, batch = setup
+    lp, mask = common.answer_logprobs(model, batch)
+    assert torch.equal(wga.wga_loss(lp, mask, 0.0, 7)[0], ga.ga_loss(lp, mask, 7)[0])
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0])
+def test_npo_gradient(setup, beta):
+    model, ref, batch = setup
+    g, logp, mask = token_grads(model, batch)
+    lp, m = common.answer_logprobs(model, batch)
+    loss, stats = npo.npo_loss(lp, batch["ref_logp"], m, beta, 3)
+    want, weights = 0, []
+    for b in range(3):  # eq. 4: E[w_npo grad log p(s)], w_npo = 2 p^b / (p^b + p_o^b) of the whole answer
+        p, p_o = logp[b][mask[b]].sum().exp(), batch["ref_logp"][b][mask[b]].sum().exp()
+        w = 2 * p ** beta / (p ** beta + p_o ** beta)
+        weights.append(w.item())
+        want = want + w * sum(v for (bb, _), v in g.items() if bb == b)
+    assert close(flat_grad(model, loss), want / 3)
+    assert stats["weight"] == pytest.approx(sum(weights) / 3)
+    # the loss itself, eq. 3
+    val = sum(math.log(1 + math.exp(beta * ((logp[b] - batch["ref_logp"][b])[mask[b]].sum().item())))
+              for b in range(3)) * 2 / beta / 3
+    assert loss.item() == pytest.approx(val)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 4.0), (1.5, 5.0)])
+def test_tnpo_and_wtnpo_gradients(setup, alpha, beta):
+    model, ref, batch = setup
+    g, logp, mask = token_grads(model, batch)
+    n = int(mask.sum())
+    lp, m = common.answer_logprobs(model, batch)
+    p, p_o = logp.exp(), batch["ref_logp"].exp()
+    w_tnpo = 2 * p ** beta / (p ** beta + p_o ** beta)  # eq. 6
+    loss, _ = wtnpo.wtnpo_loss(lp, batch["ref_logp"], m, alpha, beta, n)
+    want = sum(p[k] ** alpha * w_tnpo[k] * v for k, v in g.items()) / n
+    assert close(flat_grad(model, loss), want)
+    if alpha == 0:  # WTNPO with alpha = 0 is TNPO
+        assert torch.allclose(tnpo.tnpo_loss(lp, batch["ref_logp"], m, beta, n)[0], loss, atol=0, rtol=1e-15)
+
+
+def test_weights_are_one_at_the_original_model(setup):
+    model, _, batch = setup
+    lp, mask = common.answer_logprobs(model, batch)
+    own = lp.detach()  # theta = theta_o
+    assert npo.npo_loss(lp, own, mask, 0.5, 3)[1]["weight"] == pytest.approx(1.0)
+    assert tnpo.tnpo_loss(lp, own, mask, 4.0, int(mask.sum()))[1]["weight"] == pytest.approx(1.0)
+
+
+def test_rmu_loss_by_hand(setup):
+    model, _, batch = setup
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    _, mask = common.token_logprobs(out.logits, batch["labels"])
+    u = torch.rand(16, dtype=torch.float64)
+    loss, _ = rmu.rmu_loss(out.hidden_states[1], mask, u, 2.0, int(mask.sum()))
+    h = out.hidden_states[1]
+    want = [((h[b, t] - 2 * u) ** 2).sum() for b, t in mask.nonzero().tolist()]  # state at t predicts t+1
+    assert loss.item() == pytest.approx((sum(want) / len(want)).item())
+
+
+def test_micro_batches_add_up_to_the_batch(setup):
+    """Every loss normalises by the whole step, so micro-batch shares sum to the full-batch loss."""
+    model, _, batch = setup
+    lp, mask = common.answer_logprobs(model, batch)
+    n_tok, n_rows = int(mask.sum()), 3
+    parts = [slice(0, 1), slice(1, 3)]
+    for fn, args in [(ga.ga_loss, ()), (wga.wga_loss, (5.0,))]:
+        full = fn(lp, mask, *args, n_tok)[0]
+        assert sum(fn(lp[s], mask[s], *args, n_tok)[0] for s in parts).item() == pytest.approx(full.item())
+    full = npo.npo_loss(lp, batch["ref_logp"], mask, 0.5, n_rows)[0]
+    split = sum(npo.npo_loss(lp[s], batch["ref_logp"][s], mask[s], 0.5, n_rows)[0] for s in parts)
+    assert split.item() == pytest.approx(full.item())
+
+
+# ----------------------------------------------------------------------------- regularizers
+
+def test_regularizers(setup):
+    model, ref, batch = setup
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    same = LlamaForCausalLM(model.config).double()
+    same.load_state_dict(model.state_dict())
+    same.requires_grad_(False)
+    for reg in ("kl", "rr"):  # zero at theta = theta_o, positive away from it
+        assert common.regularizer(reg, model, same, batch, n, layer=1)[0].item() == pytest.approx(0, abs=1e-20)
+        assert common.regularizer(reg, model, ref, batch, n, layer=1)[0].item() > 1e-6
+    gd, nll = common.regularizer("gd", model, ref, batch, n)
+    lp, mask = common.answer_logprobs(model, batch)
+    assert gd.item() == pytest.approx(-lp[mask].mean().item()) and nll == pytest.approx(gd.item())
+    zero, nll = common.regularizer("none", model, ref, batch, n, measure=True)
+    assert zero.item() == 0 and nll == pytest.approx(gd.item())
+    # KL(p_o || p) by hand at one answer position, and the mean over answer tokens only
+    kl, _ = common.regularizer("kl", model, ref, batch, n)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    q, q_o = model(**inputs).logits.softmax(-1), ref(**inputs).logits.softmax(-1)
+    terms = [(q_o[b, t] * (q_o[b, t] / q[b, t]).log()).sum() for b, t in mask.nonzero().tolist()]
+    assert kl.item() == pytest.approx((sum(terms) / len(terms)).item())
+
+
+@pytest.mark.parametrize("reg", ["gd", "kl", "rr"])
+def test_regularizer_gradient_is_masked_to_answer_tokens(setup, reg):
+    """Changing the tokens after the last answer token, or the prompt's labels, changes nothing."""
+    model, ref, batch = setup
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss = common.regularizer(reg, model, ref, batch, n, layer=1)[0]
+    g1 = flat_grad(model, loss)
+    other = dict(batch, input_ids=batch["input_ids"].clone())
+    other["input_ids"][1, 8] = 5  # a padding position of row 1 (attended to, but its label is -100)
+    loss2 = common.regularizer(reg, model, ref, other, n, layer=1)[0]
+    assert close(g1, flat_grad(model, loss2))
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+@pytest.mark.parametrize("method", METHODS)
+def test_help(method):
+    r = run_script(f"{method}.py", "--help")
+    assert r.returncode == 0 and "--reg {none,gd,kl,rr}" in r.stdout and "--log-every" in r.stdout
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reg", ["none", "gd", "kl", "rr"])
+def test_two_steps(method, reg, tiny_path, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(f"{method}.py", "--reg", reg, "--max-steps", "2", "--batch-size", "4", "--grad-accum", "2",
+                   "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [x["step"] for x in log] == [1, 2]
+    for x in log:
+        assert all(math.isfinite(x[k]) for k in ("loss", "objective", "reg", "forget_nll", "retain_nll", "lr"))
+    assert (log[-1]["reg"] == 0) == (reg == "none")  # KL and RR are 0 at step 1, where theta = theta_o
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert json.load(open(out / "args.json"))["reg"] == reg
+
+
+@pytest.mark.parametrize("method,argv,msg", [
+    ("wga", ["--alpha", "-1"], "--alpha must be >= 0"),
+    ("npo", ["--beta", "-0.5"], "--beta must be positive"),
+    ("tnpo", ["--beta", "0"], "--beta must be positive"),
+    ("wtnpo", ["--alpha", "-2"], "--alpha must be >= 0"),
+    ("ga", ["--reg", "l2"], "invalid choice: 'l2'"),
+    ("rmu", ["--layer", "7"], "--layer 7 is out of range"),
+    ("ga", ["--reg", "rr", "--rr-layer", "-1"], "--rr-layer -1 is out of range"),
+    ("npo", ["--lr", "0"], "--lr must be positive"),
+    ("ga", ["--split", "forget07"], "unknown split"),
+])
+def test_bad_flags(method, argv, msg, tiny_path, tmp_path):
+    r = run_script(f"{method}.py", "--out", str(tmp_path / "x"), *argv)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
