@@ -302,8 +302,11 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         n = dict(forget_tok=_n_answer(f_ex), forget_rows=len(f_ex), retain_tok=_n_answer(r_ex))
         if "alt" in f_ex[0]:
             n["alt_tok"] = _n_answer([e["alt"] for e in f_ex])
-        yield [(collate(f_ex[k:k + micro], pad_id, device), collate(r_ex[k:k + micro], pad_id, device))
-               for k in range(0, len(f_ex), micro)], n
+        batches = [(collate(f_ex[k:k + micro], pad_id, device), collate(r_ex[k:k + micro], pad_id, device))
+                   for k in range(0, len(f_ex), micro)]
+        for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (for the G-effect)
+            forget_batch.update(step=step, last=k + 1 == len(batches))
+        yield batches, n
 
 
 def default_out(script: str, args) -> str:

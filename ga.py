@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 
 import common
+import geffect
 
 
 def ga_loss(logp, mask, n_tok):
@@ -28,6 +29,7 @@ def main(argv=None):
     parser = common.make_parser(__doc__)
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
+    geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
@@ -43,6 +45,7 @@ def main(argv=None):
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
+    probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     # unlearning loop
@@ -58,7 +61,7 @@ def main(argv=None):
             loss, stats = ga_loss(logp, mask, n["forget_tok"])
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
-            (loss + args.reg_weight * reg).backward()
+            probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward(), and the G-effect
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
@@ -72,6 +75,7 @@ def main(argv=None):
                        tok_s=tokens / (time.time() - t0))
             run.log_step(step + 1, total, row)
 
+    probe.close()
     out = run.save(model, tokenizer)
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out

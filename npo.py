@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import geffect
 
 
 def npo_loss(logp, ref_logp, mask, beta, n_rows):
@@ -35,6 +36,7 @@ def main(argv=None):
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
     parser.add_argument("--beta", type=float, default=0.5, help="inverse temperature (the paper: 0.5)")
+    geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
@@ -53,6 +55,7 @@ def main(argv=None):
     common.add_reference_logprobs(ref_model, forget, tokenizer.pad_token_id, device)  # once: theta_o is frozen
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
+    probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     # unlearning loop
@@ -68,7 +71,7 @@ def main(argv=None):
             loss, stats = npo_loss(logp, forget_batch["ref_logp"], mask, args.beta, n["forget_rows"])
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
-            (loss + args.reg_weight * reg).backward()
+            probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward(), and the G-effect
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
@@ -82,6 +85,7 @@ def main(argv=None):
                        tok_s=tokens / (time.time() - t0))
             run.log_step(step + 1, total, row)
 
+    probe.close()
     out = run.save(model, tokenizer)
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 
 import common
+import geffect
 
 
 REFUSALS = [
@@ -39,6 +40,7 @@ def main(argv=None):
     parser = common.make_parser(__doc__)
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
+    geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
@@ -57,6 +59,7 @@ def main(argv=None):
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
+    probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     # unlearning loop
@@ -72,7 +75,9 @@ def main(argv=None):
             loss, stats = po_loss(logp, mask, n["alt_tok"])
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
-            (loss + args.reg_weight * reg).backward()
+            # the G-effect's risk is the NLL of the true answers, which PO itself does not forward
+            true = common.answer_logprobs(model, forget_batch) if probe.active(forget_batch["step"]) else (None, None)
+            probe.backward(loss, args.reg_weight * reg, *true, forget_batch)  # (loss + reg).backward(), and the G-effect
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] += common.nll(model, forget_batch, n["forget_tok"]) if measure else 0  # true answers
@@ -86,6 +91,7 @@ def main(argv=None):
                        tok_s=tokens / (time.time() - t0))
             run.log_step(step + 1, total, row)
 
+    probe.close()
     out = run.save(model, tokenizer)
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out

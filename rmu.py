@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 
 import common
+import geffect
 
 
 def rmu_loss(hidden, mask, u, c, n_tok):
@@ -34,6 +35,7 @@ def main(argv=None):
     common.add_unlearn_flags(parser)
     parser.add_argument("--layer", type=int, default=None, help="hidden state to misdirect (default: the preset's)")
     parser.add_argument("--c", type=float, default=None, help="scale of the random target (default: the preset's)")
+    geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
@@ -56,6 +58,7 @@ def main(argv=None):
     u = torch.rand(model.config.hidden_size, generator=gen).to(device)  # U[0, 1)^d, fixed for the run
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
+    probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     # unlearning loop
@@ -73,7 +76,7 @@ def main(argv=None):
             loss, stats = rmu_loss(out.hidden_states[args.layer], mask, u, args.c, n["forget_tok"])
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
-            (loss + args.reg_weight * reg).backward()
+            probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward(), and the G-effect
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
@@ -87,6 +90,7 @@ def main(argv=None):
                        tok_s=tokens / (time.time() - t0))
             run.log_step(step + 1, total, row)
 
+    probe.close()
     out = run.save(model, tokenizer)
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out

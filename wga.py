@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 
 import common
+import geffect
 
 
 def wga_loss(logp, mask, alpha, n_tok):
@@ -30,6 +31,7 @@ def main(argv=None):
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
     parser.add_argument("--alpha", type=float, default=None, help="confidence power (default: 5; 7 for forget10)")
+    geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
@@ -48,6 +50,7 @@ def main(argv=None):
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
+    probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     # unlearning loop
@@ -63,7 +66,7 @@ def main(argv=None):
             loss, stats = wga_loss(logp, mask, args.alpha, n["forget_tok"])
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
-            (loss + args.reg_weight * reg).backward()
+            probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward(), and the G-effect
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
@@ -77,6 +80,7 @@ def main(argv=None):
                        tok_s=tokens / (time.time() - t0))
             run.log_step(step + 1, total, row)
 
+    probe.close()
     out = run.save(model, tokenizer)
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out

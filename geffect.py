@@ -1,0 +1,190 @@
+"""
+The G-effect (the paper's Definition 1), measured inside any unlearning run: the dot product
+between the gradient of a risk and the gradient of the step's loss,
+
+    e_u(t) = grad R(D_u; theta_t) . grad L(theta_t),    e_r(t) = grad R(D_r; theta_t) . grad L(theta_t)
+
+R is the NLL of the answer tokens (token mean), D_u the step's forget batch, D_r the first
+--geffect-retain rows of the held-out retain rows (the same at every step), L the step's loss
+(objective + regularizer). A gradient step changes R by about -lr * e: e_u < 0 means removal,
+e_r >= 0 retention (Figure 1). Values are split by parameter group (embed, shallow, middle,
+deep = the decoder layers in thirds, lm = final norm and output layer), by decoder layer, by
+loss term (objective, regularizer), and with --geffect-pointwise per forget sample (the
+PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample).
+
+    python wga.py --split forget05 --geffect-every 1              # writes RUN_DIR/geffect.jsonl
+    python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]
+
+How it is cheap: the run's own backward pass gives grad L; grad R(D_u) comes from the same
+forward graph (kept for one more backward at measured steps); the regularizer's gradient is
+routed into the one extra gradient buffer while the objective's stays in .grad; the risk
+gradients are never stored: per-parameter hooks take their dot products as backward produces
+them. With --geffect-pointwise the two risk gradients are kept (two more gradient copies).
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import common
+
+GROUPS = ("embed", "shallow", "middle", "deep", "lm")
+
+
+def add_flags(parser):
+    """The G-effect flags of every method script."""
+    a = parser.add_argument
+    a("--geffect-every", type=int, default=0, help="measure the G-effect every N steps (0 = off)")
+    a("--geffect-retain", type=int, default=32, help="held-out retain rows in D_r (the first N of the 400)")
+    a("--geffect-pointwise", action="store_true", help="also the PG-effect of every forget sample (eq. 5)")
+
+
+def param_groups(model) -> list:
+    """(name, parameter, group, decoder layer or None) for every trainable parameter: decoder layers
+    cut into three contiguous thirds; embeddings 'embed'; everything else (final norm, lm head) 'lm'."""
+    n = model.config.num_hidden_layers
+    third = [0] * n
+    for i in range(n):  # contiguous thirds, the first ones one longer when n is not a multiple of 3
+        third[i] = 0 if i < (n + 2) // 3 else 1 if i < (n + 2) // 3 + (n + 1) // 3 else 2
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        if m:
+            out.append((name, p, GROUPS[1 + third[int(m.group(1))]], int(m.group(1))))
+        else:
+            out.append((name, p, "embed" if "embed" in name else "lm", None))
+    return out
+
+
+class Probe:
+    """Measures the G-effect at every --geffect-every-th step. The method loop calls
+    `probe.backward(loss, reg, logp, mask, forget_batch)` in place of `(loss + reg).backward()`."""
+
+    def __init__(self, args, model, tokenizer, retain_rows, run_dir):
+        self.every, self.pointwise = args.geffect_every, args.geffect_pointwise
+        self.beta = getattr(args, "beta", None)
+        if self.every < 0 or args.geffect_retain < 1:
+            raise common.UsageError("--geffect-every must be >= 0 and --geffect-retain >= 1")
+        if not self.every:
+            return
+        self.model, self.pad = model, tokenizer.pad_token_id
+        self.params = param_groups(model)
+        self.n_layers = model.config.num_hidden_layers
+        d_r = common.encode_rows(tokenizer, args.template, retain_rows[:args.geffect_retain])
+        micro = -(-args.batch_size // args.grad_accum)
+        self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
+        self.d_r_tok = sum((b["labels"][:, 1:] != -100).sum().item() for b in self.d_r)
+        self.file = open(Path(run_dir) / "geffect.jsonl", "w")
+        self.mode, self.kept, self.extra, self.dots, self.store = None, [], None, {}, None
+        for i, (_, p, _, _) in enumerate(self.params):
+            p.register_hook(lambda g, i=i: self._hook(i, g))
+
+    def active(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0  # step is 0-based: the first measure is at theta_o
+
+    # ---- the loop's backward
+    def backward(self, loss, reg, logp, mask, forget_batch):
+        step, last = forget_batch["step"], forget_batch["last"]
+        if not self.active(step):
+            (loss + reg).backward()
+            return
+        loss.backward(retain_graph=True)  # .grad collects the objective's gradient; the graph stays for R(D_u)
+        if reg.requires_grad:
+            self.mode = "route"  # the regularizer's gradient goes to the extra buffer
+            reg.backward()
+            self.mode = None
+        self.kept.append((logp, mask, forget_batch))
+        if last:
+            self._measure(step)
+
+    # ---- per-parameter hooks
+    def _hook(self, i, g):
+        if self.mode is None:
+            return None
+        if self.mode == "route":
+            if self.extra is None:
+                self.extra = [None] * len(self.params)
+            self.extra[i] = g.detach().clone() if self.extra[i] is None else self.extra[i] + g
+        else:  # 'dot': dot this risk gradient with the term gradients (and keep it if asked)
+            p = self.params[i][1]
+            for term, vec in (("objective", p.grad), ("reg", None if self.extra is None else self.extra[i])):
+                if vec is not None:
+                    self.dots[(self.mode, term)][i] += (g.double() * vec.double()).sum()
+            if self.pointwise and self.store is not None:
+                self.store[i] = g.detach().clone() if self.store[i] is None else self.store[i] + g
+        return torch.zeros_like(g)  # nothing reaches .grad: it must stay the step's gradient
+
+    def _stream(self, mode, scalar, retain_graph=False):
+        self.mode = mode
+        scalar.backward(retain_graph=retain_graph)
+        self.mode = None
+
+    def _measure(self, step):
+        terms = ("objective", "reg") if self.extra is not None else ("objective",)
+        dev = self.params[0][1].device
+        self.dots = {(d, t): torch.zeros(len(self.params), dtype=torch.float64, device=dev)
+                     for d in ("unlearn", "retain") for t in terms}
+        saved = {}
+        # R(D_u): the token-mean NLL of the forget batch, backward through the kept forward graphs
+        n_u = sum(m.sum() for _, m, _ in self.kept)
+        risk_u = -sum((lp * m).sum() for lp, m, _ in self.kept) / n_u
+        self.store = [None] * len(self.params) if self.pointwise else None
+        self._stream("unlearn", risk_u, retain_graph=self.pointwise)
+        saved["unlearn"] = self.store
+        # R(D_r): the fixed held-out retain sample, a forward and a backward of its own
+        self.store = [None] * len(self.params) if self.pointwise else None
+        for b in self.d_r:
+            lp, m = common.answer_logprobs(self.model, b)
+            self._stream("retain", -(lp * m).sum() / self.d_r_tok)
+        saved["retain"] = self.store
+        self.store = None
+        row = dict(step=step + 1)
+        for d in ("unlearn", "retain"):
+            row[d] = self._aggregate(sum(self.dots[(d, t)] for t in terms))
+        if self.extra is not None:
+            row["terms"] = {t: {d: self.dots[(d, t)].sum().item() for d in ("unlearn", "retain")} for t in terms}
+        if self.pointwise:
+            row["pointwise"] = self._pointwise(saved)
+        # .grad becomes the step's full gradient: objective + regularizer
+        if self.extra is not None:
+            for (_, p, _, _), e in zip(self.params, self.extra):
+                if e is not None:
+                    p.grad = e if p.grad is None else p.grad.add_(e)
+        self.extra, self.kept, self.dots = None, [], {}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def _aggregate(self, per_param) -> dict:
+        out = {g: 0.0 for g in GROUPS}
+        layers = [0.0] * self.n_layers
+        vals = per_param.tolist()
+        for (_, _, group, layer), v in zip(self.params, vals):
+            out[group] += v
+            if layer is not None:
+                layers[layer] += v
+        return dict(total=sum(vals), **out, layers=layers)
+
+    def _pointwise(self, saved) -> list:
+        """PG-effect (eq. 5): for each forget sample, grad R(D) . grad log p(s_u), the whole answer's log-prob."""
+        rows, items = [], [(lp, m, fb, j) for lp, m, fb in self.kept for j in range(lp.shape[0])]
+        for k, (lp, m, fb, j) in enumerate(items):
+            g = torch.autograd.grad((lp[j] * m[j]).sum(), [p for _, p, _, _ in self.params],
+                                    retain_graph=k + 1 < len(items), allow_unused=True)
+            rec = {f"pg_{d}": sum((gi.double() * s.double()).sum().item() for gi, s in zip(g, saved[d])
+                                   if gi is not None and s is not None) for d in ("unlearn", "retain")}
+            rec["logp"] = (lp[j] * m[j]).sum().item()
+            if "ref_logp" in fb:
+                rec["ref_logp"] = (fb["ref_logp"][j] * m[j]).sum().item()
+                if self.beta is not None:  # NPO's sequence weight w_npo (eq. 4) for this sample
+                    rec["w_npo"] = 2 * torch.sigmoid(torch.tensor(self.beta * (rec["logp"] - rec["ref_logp"]))).item()
+            rows.append(rec)
+        return rows
+
+    def close(self):
+        if self.every:
+            self.file.close()
