@@ -21,10 +21,9 @@ routed into the one extra gradient buffer while the objective's stays in .grad; 
 gradients are never stored: per-parameter hooks take their dot products as backward produces
 them. With --geffect-pointwise the two risk gradients are kept (two more gradient copies).
 """
-import argparse
 import json
+import os
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -188,3 +187,88 @@ class Probe:
     def close(self):
         if self.every:
             self.file.close()
+
+
+# ----------------------------------------------------------------------------- plots
+
+def read_run(run_dir) -> tuple:
+    """(geffect rows, log rows) of a run folder; raises UsageError when it has no geffect.jsonl."""
+    path = Path(run_dir) / "geffect.jsonl"
+    if not path.is_file():
+        raise common.UsageError(f"{path} does not exist: run a method script with --geffect-every N first")
+    try:
+        rows = [json.loads(line) for line in open(path) if line.strip()]
+        log_path = Path(run_dir) / "log.jsonl"
+        log = [json.loads(line) for line in open(log_path) if line.strip()] if log_path.is_file() else []
+    except json.JSONDecodeError as e:
+        raise common.UsageError(f"{path} is not valid JSON Lines: {e}")
+    if not rows:
+        raise common.UsageError(f"{path} has no rows")
+    return rows, log
+
+
+def plot(run_dirs, out, symlog=False):
+    """The paper's Figure 3 style, one column per run: unlearning G-effect in red, retaining in
+    blue, layer groups dashed (embed and lm dash-dotted); below, the method's weight (Figure 5a)
+    or GA's inverse confidence (Figure 9c) and the forget risk (Figure 9b) from log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [(Path(d).name, *read_run(d)) for d in run_dirs]
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 6.4), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[2, 1]))
+    styles = dict(embed="-.", shallow="--", middle="--", deep="--", lm="-.")
+    shades = dict(embed=0.35, shallow=0.55, middle=0.7, deep=0.85, lm=0.45)
+    for col, (name, rows, log) in enumerate(runs):
+        ax = axes[0][col]
+        steps = [r["step"] for r in rows]
+        for key, cmap in (("unlearn", plt.cm.Reds), ("retain", plt.cm.Blues)):
+            ax.plot(steps, [r[key]["total"] for r in rows], color=cmap(0.95), lw=2, label=f"{key}")
+            for g in GROUPS:
+                ax.plot(steps, [r[key][g] for r in rows], styles[g], color=cmap(shades[g]), lw=1,
+                        label=f"{key} {g}")
+        ax.axhline(0, color="black", lw=0.5)
+        if symlog:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        if col == 0:
+            ax.set_ylabel("G-effect")
+        ax2 = axes[1][col]
+        key = next((k for k in ("weight", "inv_conf") if log and k in log[0]), None)
+        if key:
+            ax2.plot([x["step"] for x in log], [x[key] for x in log], color="tab:green", label=key)
+            if key == "inv_conf":
+                ax2.set_yscale("log")
+            ax2.set_ylabel(key, color="tab:green")
+        if log:
+            ax3 = ax2.twinx()
+            ax3.plot([x["step"] for x in log], [x["forget_nll"] for x in log], color="tab:gray", label="forget NLL")
+            ax3.set_ylabel("forget NLL (risk)", color="tab:gray")
+        ax2.set_xlabel("step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    tmp = f"{out}.tmp{Path(out).suffix}"
+    fig.savefig(tmp, dpi=130)
+    os.replace(tmp, out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    parser = common.make_parser(__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plot", help="plot the G-effect of one or more runs")
+    p.add_argument("runs", nargs="+", help="run folders with a geffect.jsonl")
+    p.add_argument("-o", "--out", default="geffect.png", help="image file to write")
+    p.add_argument("--symlog", action="store_true", help="symmetric log scale for the G-effect")
+    args = parser.parse_args(argv)
+    try:
+        print(plot(args.runs, args.out, args.symlog))
+    except common.UsageError as e:
+        common.die(str(e))
+
+
+if __name__ == "__main__":
+    main()
