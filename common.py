@@ -95,6 +95,7 @@ def add_shared_flags(parser, split="forget05"):
     a("--seed", type=int, default=0, help="random seed")
     a("--out", default=None, help="run folder (default: out/<script>-<model>-<split>)")
     a("--log-every", type=int, default=1, help="print and log every N steps")
+    a("--overwrite", action="store_true", help="replace a model already in --out (refused otherwise)")
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
 
 
@@ -495,6 +496,8 @@ class Run:
 
     def __init__(self, out: str, args):
         self.out = Path(out)
+        if (self.out / "config.json").exists() and not getattr(args, "overwrite", False):
+            die(f"{self.out} already holds a model: pass --overwrite to replace it, or choose another --out")
         self.tmp = self.out.with_name(self.out.name + ".tmp")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)

@@ -55,7 +55,7 @@ def bare_loop(method, steps, split):
 def method_run(method, steps, split, tmp):
     mod = importlib.import_module(method)
     argv = ["--reg", "none", "--split", split, "--max-steps", str(steps), "--epochs", "100", "--log-every",
-            str(steps), "--out", f"{tmp}/{method}"]
+            str(steps), "--out", f"{tmp}/{method}", "--overwrite"]
     with contextlib.redirect_stdout(io.StringIO()):
         mod.main(argv)
     return json.loads(open(f"{tmp}/{method}/log.jsonl").readlines()[-1])["tok_s"]

@@ -236,3 +236,14 @@ def test_bad_flags(method, argv, msg, tiny_path, tmp_path):
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
+
+
+def test_existing_model_is_kept_unless_overwrite(tiny_path, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("ga.py", "--max-steps", "1", "--out", str(out)).returncode == 0
+    before = (out / "model.safetensors").read_bytes()
+    r = run_script("ga.py", "--max-steps", "1", "--lr", "0.01", "--out", str(out))
+    assert r.returncode == 2 and "already holds a model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (out / "model.safetensors").read_bytes() == before and not (tmp_path / "run.tmp").exists()
+    r = run_script("ga.py", "--max-steps", "1", "--lr", "0.01", "--out", str(out), "--overwrite")
+    assert r.returncode == 0 and (out / "model.safetensors").read_bytes() != before
