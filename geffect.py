@@ -75,13 +75,14 @@ class Probe:
         self.params = param_groups(model)
         self.n_layers = model.config.num_hidden_layers
         d_r = common.encode_rows(tokenizer, args.template, retain_rows[:args.geffect_retain])
-        micro = -(-args.batch_size // args.grad_accum)
+        # D_r in one batch, or in micro-batches when --grad-accum asks for them (memory)
+        micro = -(-args.batch_size // args.grad_accum) if args.grad_accum > 1 else len(d_r)
         self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
         self.d_r_tok = sum((b["labels"][:, 1:] != -100).sum().item() for b in self.d_r)
         self.file = open(Path(run_dir) / "geffect.jsonl", "w")
-        self.mode, self.kept, self.extra, self.dots, self.store = None, [], None, {}, None
+        self.mode, self.kept, self.extra, self.dots, self.store, self.stash = None, [], None, {}, None, None
         for i, (_, p, _, _) in enumerate(self.params):
-            p.register_hook(lambda g, i=i: self._hook(i, g))
+            p.register_post_accumulate_grad_hook(lambda p, i=i: self._hook(i, p))
 
     def active(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0  # step is 0-based: the first measure is at theta_o
@@ -94,34 +95,38 @@ class Probe:
             return
         loss.backward(retain_graph=True)  # .grad collects the objective's gradient; the graph stays for R(D_u)
         if reg.requires_grad:
-            self.mode = "route"  # the regularizer's gradient goes to the extra buffer
-            reg.backward()
-            self.mode = None
+            self.extra = self.extra or [None] * len(self.params)
+            self._stream("route", reg)  # the regularizer's gradient goes to the extra buffer
         self.kept.append((logp, mask, forget_batch))
         if last:
             self._measure(step)
 
-    # ---- per-parameter hooks
-    def _hook(self, i, g):
+    # ---- per-parameter hooks: while a mode is set, .grad holds only the gradient backward just made
+    def _hook(self, i, p):
         if self.mode is None:
-            return None
-        if self.mode == "route":
-            if self.extra is None:
-                self.extra = [None] * len(self.params)
-            self.extra[i] = g.detach().clone() if self.extra[i] is None else self.extra[i] + g
-        else:  # 'dot': dot this risk gradient with the term gradients (and keep it if asked)
-            p = self.params[i][1]
-            for term, vec in (("objective", p.grad), ("reg", None if self.extra is None else self.extra[i])):
-                if vec is not None:
-                    self.dots[(self.mode, term)][i] += (g.double() * vec.double()).sum()
-            if self.pointwise and self.store is not None:
-                self.store[i] = g.detach().clone() if self.store[i] is None else self.store[i] + g
-        return torch.zeros_like(g)  # nothing reaches .grad: it must stay the step's gradient
+            return
+        g, p.grad = p.grad, None  # take it: .grad is put back to the step's gradient after the backward
+        if self.mode == "route":  # the regularizer's gradient goes to the one extra buffer
+            self.extra[i] = g if self.extra[i] is None else self.extra[i].add_(g)
+            return
+        reg = None if self.extra is None else self.extra[i]
+        for term, vec in (("objective", self.stash[i]), ("reg", reg)):  # 'dot': a risk gradient
+            if vec is not None:  # accumulated in float64; the product stays in the gradient's dtype
+                self.dots[(self.mode, term)][i] += torch.dot(g.flatten(), vec.flatten()).double()
+        if self.store is not None:  # --geffect-pointwise keeps the risk gradients
+            self.store[i] = g if self.store[i] is None else self.store[i].add_(g)
 
     def _stream(self, mode, scalar, retain_graph=False):
+        """Backward `scalar` with the hooks in `mode`, leaving .grad as it was."""
+        self.stash = [p.grad for _, p, _, _ in self.params]
+        for _, p, _, _ in self.params:
+            p.grad = None
         self.mode = mode
         scalar.backward(retain_graph=retain_graph)
         self.mode = None
+        for (_, p, _, _), g in zip(self.params, self.stash):
+            p.grad = g
+        self.stash = None
 
     def _measure(self, step):
         terms = ("objective", "reg") if self.extra is not None else ("objective",)
