@@ -220,8 +220,14 @@ def plot(run_dirs, out, symlog=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [(Path(d).name, *read_run(d)) for d in run_dirs]
-    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 6.4), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[2, 1]))
+    ncols = min(len(runs), 4)
+    nrows = -(-len(runs) // ncols)
+    fig, grid = plt.subplots(2 * nrows, ncols, figsize=(4.2 * ncols, 5.2 * nrows), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[2, 1] * nrows))
+    axes = [[grid[2 * (c // ncols) + r][c % ncols] for c in range(len(runs))] for r in (0, 1)]
+    for c in range(len(runs), nrows * ncols):  # empty cells of the last row
+        grid[-2][c % ncols].axis("off")
+        grid[-1][c % ncols].axis("off")
     styles = dict(embed="-.", shallow="--", middle="--", deep="--", lm="-.")
     shades = dict(embed=0.35, shallow=0.55, middle=0.7, deep=0.85, lm=0.45)
     for col, (name, rows, log) in enumerate(runs):
@@ -237,7 +243,7 @@ def plot(run_dirs, out, symlog=False):
             ax.set_yscale("symlog", linthresh=1e-4)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
-        if col == 0:
+        if col % ncols == 0:
             ax.set_ylabel("G-effect")
         ax2 = axes[1][col]
         key = next((k for k in ("weight", "inv_conf") if log and k in log[0]), None)
@@ -253,7 +259,7 @@ def plot(run_dirs, out, symlog=False):
         ax2.set_xlabel("step")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 / nrows, 1, 1))
     tmp = f"{out}.tmp{Path(out).suffix}"
     fig.savefig(tmp, dpi=130)
     os.replace(tmp, out)

@@ -27,7 +27,7 @@ def main():
         for m in METHODS:
             out = ROOT / "out" / "figures" / f"{m}-{reg}"
             subprocess.run([sys.executable, f"{m}.py", "--split", "forget05", "--reg", reg, "--geffect-every", "1",
-                            "--log-every", "5", "--out", str(out), "--overwrite"], cwd=ROOT, check=True)
+                            "--log-every", "1", "--out", str(out), "--overwrite"], cwd=ROOT, check=True)
             rows, log = geffect.read_run(out)
             summary[f"{m}-{reg}"] = dict(
                 unlearn_total=[r["unlearn"]["total"] for r in rows], retain_total=[r["retain"]["total"] for r in rows],
