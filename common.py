@@ -106,6 +106,7 @@ def add_unlearn_flags(parser):
       help="regularizer on retain rows: none, gd (NLL), kl (KL to the original), rr (representations)")
     a("--reg-weight", type=float, default=1.0, help="weight of the regularizer")
     a("--rr-layer", type=int, default=None, help="hidden state for --reg rr (default: the preset's RMU layer)")
+    a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
 
 
 def resolve_flags(args, finetune=False):

@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 
 import common
+import eval_tofu
 import geffect
 
 
@@ -56,6 +57,8 @@ def main(argv=None):
     probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
+    es_before = None if args.no_eval else eval_tofu.quick_es(model, tokenizer, data, args.template)
+
     # unlearning loop
     model.train()
     t0, tokens = time.time(), 0
@@ -84,8 +87,14 @@ def main(argv=None):
             run.log_step(step + 1, total, row)
 
     probe.close()
-    out = run.save(model, tokenizer)
-    print(f"saved {out} ({time.time() - t0:.0f} s)")
+    summary = dict(seconds=time.time() - t0, steps=total)
+    if not args.no_eval:  # ES-exact of the forget rows and of the 400 held-out retain rows
+        es_after = eval_tofu.quick_es(model, tokenizer, data, args.template)
+        summary.update(es_before=es_before, es_after=es_after)
+        print(f"ES-exact forget {es_before['forget']:.4f} -> {es_after['forget']:.4f} | "
+              f"retain {es_before['retain']:.4f} -> {es_after['retain']:.4f}")
+    out = run.save(model, tokenizer, extra={"summary.json": summary})
+    print(f"saved {out} ({summary['seconds']:.0f} s)")
     return out
 
 

@@ -1,0 +1,82 @@
+"""UWC: exact mixing at the ends, the search on constructed cases, and the command end to end."""
+import json
+import math
+
+import pytest
+import torch
+
+import uwc
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_path, tmp_path_factory):
+    """The tiny target model and a 2-step GA run from it (an 'unlearned' model)."""
+    out = tmp_path_factory.mktemp("uwc") / "ga"
+    r = run_script("ga.py", "--max-steps", "2", "--lr", "0.01", "--no-eval", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return tiny_path, str(out)
+
+
+def state(path):
+    from safetensors.torch import load_file
+    return load_file(f"{path}/model.safetensors")
+
+
+def test_mixing_ends_are_exact_and_the_middle_is_linear(two_models):
+    import common
+    original, unlearned = two_models
+    model = common.load_model(unlearned, frozen=True)
+    o_files, u_files = uwc.safetensors_files(original), uwc.safetensors_files(unlearned)
+    o, u = state(original), state(unlearned)
+    assert any(not torch.equal(o[k], u[k]) for k in o)
+    for lam, want in ((0.0, o), (1.0, u)):
+        uwc.mix_(model, o_files, u_files, lam)
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], want[k]) for k in want)
+    uwc.mix_(model, o_files, u_files, 0.3)
+    sd = model.state_dict()
+    for k in o:
+        assert torch.allclose(sd[k], 0.7 * o[k] + 0.3 * u[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("curve,target,want", [
+    (lambda lam: 1 - lam ** 2, 0.9, math.sqrt(0.1)),  # smooth: the boundary at lam = 0.316
+    (lambda lam: 1.0 if lam <= 0.55 else 0.2, 0.9, 0.55),  # a cliff
+    (lambda lam: 1.0 if lam < 0.004 else 0.0, 0.9, 0.0),  # nothing but the original is feasible
+])
+def test_search_finds_the_largest_feasible_lambda(curve, target, want):
+    lam, probes = uwc.search(curve, target)
+    assert curve(lam) >= target and want - 0.01 <= lam <= want + 1e-9
+    assert probes[0]["lam"] == 1.0 and len(probes) <= 9
+    assert all(p["feasible"] == (p["retain_es"] >= target) for p in probes)
+
+
+def test_search_keeps_a_model_that_already_satisfies():
+    lam, probes = uwc.search(lambda lam: 0.95, 0.9)
+    assert lam == 1.0 and len(probes) == 1
+
+
+def test_uwc_command(two_models, tmp_path):
+    original, unlearned = two_models
+    out = tmp_path / "mixed"
+    r = run_script("uwc.py", "--model", unlearned, "--split", "forget05", "--out", str(out), "--max-samples", "8",
+                   "--tol", "0.02")
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(out / "uwc.json"))
+    assert 0 <= res["lam"] <= 1 and res["probes"][0]["lam"] == 1.0
+    feasible = [p["lam"] for p in res["probes"] if p["feasible"]]
+    assert res["lam"] == max(feasible + [0.0])
+    if res["lam"] < 1:  # an infeasible probe lies within 0.01 above lam*
+        assert min(p["lam"] for p in res["probes"] if not p["feasible"]) - res["lam"] <= 0.01 + 1e-9
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out)
+    assert set(res["summary"]) >= {"es_exact_retain", "es_exact_unlearn", "model_utility"}
+    assert "ES-exact retain" in r.stdout and (out / "eval.json").is_file()
+
+
+def test_uwc_bad_input(tmp_path):
+    r = run_script("uwc.py", "--model", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "unlearned run folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_script("uwc.py", "--model", str(tmp_path), "--tol", "1.5", "--original", "tiny")
+    assert r.returncode == 2 and "--tol must be in [0, 1)" in r.stderr

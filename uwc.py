@@ -1,0 +1,225 @@
+"""
+UWC: unlearning with control (Wang et al., 2025; the paper's Appendix B.2). An unlearned model
+theta_u is mixed back with the original theta_o,
+
+    theta(lam) = (1 - lam) theta_o + lam theta_u,
+
+with the largest lam in [0, 1] that keeps ES-exact on the 400 held-out retain rows at least
+(1 - tol) x that of theta_o: lam = 1 is tried first, then bisection to 0.01 (at most 8
+evaluations; it assumes the retain ES falls as lam grows). Methods are then compared on what
+they still remove at equal retention. --tol defaults to the preset's: 10% for tiny and phi-1.5,
+5% for Llama-2-7B.
+
+    python uwc.py --model out/wga-tiny-forget05 --split forget05     # -> out/wga-tiny-forget05-uwc
+    python uwc.py --table                                            # Table 1 on the built-in set
+
+The mixed model is an ordinary model folder, with uwc.json (lam*, every probe, the final
+metrics) and eval.json; the Table 1 row at lam* is printed. Mixing streams over the
+parameters in place, reading theta_o and theta_u tensor by tensor from their safetensors
+files: the model in memory is the only full copy.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import eval_tofu
+
+
+# ----------------------------------------------------------------------------- mixing and search
+
+def safetensors_files(path: str) -> dict:
+    """{tensor name: file} of a model folder or hub id (sharded or not), safetensors only."""
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
+        except Exception as e:
+            raise common.UsageError(f"cannot find the weights of '{path}' (not a folder; hub unreachable?): "
+                                    f"{str(e).splitlines()[0][:150]}")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise common.UsageError(f"no safetensors weights in '{path}'")
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+@torch.no_grad()
+def mix_(model, original: dict, unlearned: dict, lam: float):
+    """Set the model's parameters to (1 - lam) theta_o + lam theta_u in place, one tensor at a time
+    (`original`, `unlearned`: safetensors_files maps). lam 0 and 1 copy the tensors exactly."""
+    from safetensors import safe_open
+    state = model.state_dict()
+    missing = [k for k in unlearned if k in state and k not in original]
+    if missing:
+        raise common.UsageError(f"the original model lacks {len(missing)} tensors of the unlearned one, "
+                                f"e.g. {missing[0]}: not the same architecture")
+    handles = {}
+    for name, file in unlearned.items():
+        if name not in state:
+            continue
+        for f in (file, original[name]):
+            handles.setdefault(f, safe_open(f, "pt", device="cpu"))
+        u = handles[file].get_tensor(name)
+        if lam == 1:
+            state[name].copy_(u)
+            continue
+        o = handles[original[name]].get_tensor(name)
+        state[name].copy_(o if lam == 0 else o.float().lerp_(u.float(), lam))  # (1 - lam) o + lam u
+
+
+def search(retain_es, target: float, resolution: float = 0.01):
+    """The largest lam in [0, 1] with retain_es(lam) >= target, to `resolution`: lam = 1 first, then
+    bisection between a feasible lo (0: the original model) and an infeasible hi. Returns (lam, probes)."""
+    probes = []
+
+    def ok(lam):
+        es = retain_es(lam)
+        probes.append(dict(lam=lam, retain_es=es, feasible=es >= target))
+        return es >= target
+
+    if ok(1.0):
+        return 1.0, probes
+    lo, hi = 0.0, 1.0
+    while hi - lo > resolution:
+        mid = round((lo + hi) / 2, 6)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo, probes
+
+
+# ----------------------------------------------------------------------------- one model
+
+def run_uwc(args):
+    """Search lam*, save the mixed model, evaluate it; returns uwc.json's content."""
+    t0 = time.time()
+    try:
+        with open(os.path.join(args.model, "args.json")) as f:
+            run_args = json.load(f)
+    except (OSError, ValueError):
+        run_args = {}
+    preset, data, template = eval_tofu.model_defaults(args.model, args.model)
+    original = args.original or run_args.get("model")
+    if original is None:
+        raise common.UsageError(f"{args.model} has no args.json naming its original model: give --original")
+    tol = args.tol if args.tol is not None else common.PRESETS.get(preset, common.OTHER)["uwc_tol"]
+    if not 0 <= tol < 1:
+        raise common.UsageError(f"--tol must be in [0, 1), got {tol}")
+    original_path = common.model_path(original)
+    unlearned = safetensors_files(args.model)
+    base = safetensors_files(original_path)
+    split = common.split_data(args.split, data)
+    tokenizer = common.load_tokenizer(args.model)
+    model = common.load_model(args.model, frozen=True)
+    out = args.out or f"{args.model.rstrip('/')}-uwc"
+    if (Path(out) / "config.json").exists() and not args.overwrite:
+        raise common.UsageError(f"{out} already holds a model: pass --overwrite to replace it")
+
+    def retain_es(lam):
+        mix_(model, base, unlearned, lam)
+        return eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["retain_eval"], template, args.batch_size))
+
+    target_es = retain_es(0.0) * (1 - tol)
+    lam, probes = search(retain_es, target_es)
+    for p in probes:
+        print(f"lam {p['lam']:.4f} | retain ES-exact {p['retain_es']:.4f} | {'ok' if p['feasible'] else 'too low'}")
+    print(f"lam* = {lam:.4f} (retain ES-exact >= {target_es:.4f} = (1 - {tol:g}) x original)", flush=True)
+    mix_(model, base, unlearned, lam)
+
+    # save the mixed model as an ordinary folder, atomically, then its Table 1 row
+    run = common.Run(out, args)
+    run.save(model, tokenizer)
+    argv = ["--model", out, "--split", args.split, "--data", data, "--template", template,
+            "--batch-size", str(args.batch_size)] + (["--max-samples", str(args.max_samples)] if args.max_samples else [])
+    if args.retain_stats:
+        argv += ["--retain-stats", args.retain_stats]
+    elif preset == "tiny" and data == "builtin":  # the tiny preset's retain-only model, built on first use
+        argv += ["--retain-model", eval_tofu.tiny_retain_model(args.split)]
+    res = eval_tofu.main(argv)
+    result = dict(model=args.model, original=original_path, split=args.split, tol=tol, lam=lam,
+                  target_retain_es=target_es, probes=probes, summary=res["summary"], seconds=time.time() - t0)
+    eval_tofu.write_json(os.path.join(out, "uwc.json"), result)
+    return result
+
+
+# ----------------------------------------------------------------------------- Table 1
+
+TABLE_METHODS = [("GA", "ga"), ("PO", "po"), ("WGA", "wga"), ("NPO", "npo"), ("TNPO", "tnpo"), ("WTNPO", "wtnpo"),
+                 ("RMU", "rmu")]
+
+
+def table(args):
+    """Before-unlearning rows and the seven methods with KL, each followed by UWC, on forget01/05/10
+    of the built-in set (tiny preset); writes out/table1/table1.md."""
+    t0 = time.time()
+    root = common.OUT / "table1"
+    root.mkdir(parents=True, exist_ok=True)
+    py = [sys.executable]
+    lines = ["| setup | method | ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ "
+             "| MU ↑ | log10 FQ ↑ | λ* |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda s: " | ".join("n/a" if v is None else f"{v:.4f}" for v in (
+        s["es_exact_retain"], s["es_exact_unlearn"], s["es_perturb_retain"], s["es_perturb_unlearn"],
+        s["model_utility"], s["log10_forget_quality"]))
+    for split in common.SPLITS:
+        before = eval_tofu.main(["--model", "tiny", "--split", split, "--out", str(root / f"before-{split}.json")])
+        # the retain-only model's forget truth ratios, once per split, for every method's Forget Quality
+        stats = str(root / f"retain-{split}.json")
+        retain_path = eval_tofu.tiny_retain_model(split)
+        ratios = eval_tofu.forget_truth_ratios(common.load_model(retain_path, frozen=True),
+                                               common.load_tokenizer(retain_path), common.QA_TEMPLATE,
+                                               eval_tofu.load_sets(split, "builtin")["forget"][1])
+        forget = dict(question=before["per_sample"]["forget"]["question"], truth_ratio=ratios)
+        eval_tofu.write_json(stats, dict(split=split, per_sample=dict(forget=forget)))
+        lines.append(f"| {split} | before unlearning | {fmt(before['summary'])} | |")
+        for name, m in TABLE_METHODS:
+            run_dir = root / f"{m}-{split}"
+            subprocess.run(py + [f"{m}.py", "--split", split, "--reg", "kl", "--out", str(run_dir), "--overwrite",
+                                 "--log-every", "100", "--no-eval"], check=True, stdout=subprocess.DEVNULL)
+            r = subprocess.run(py + ["uwc.py", "--model", str(run_dir), "--split", split, "--retain-stats", stats,
+                                     "--overwrite"], check=True, capture_output=True, text=True)
+            res = json.load(open(f"{run_dir}-uwc/uwc.json"))
+            lines.append(f"| {split} | {name} | {fmt(res['summary'])} | {res['lam']:.2f} |")
+            print(lines[-1], flush=True)
+    lines.append(f"\nWall time: {time.time() - t0:.0f} s")
+    (root / "table1.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    parser = common.make_parser(__doc__)
+    a = parser.add_argument
+    a("--model", default=None, help="the unlearned run folder")
+    a("--original", default=None, help="the model before unlearning (default: the run's --model in args.json)")
+    a("--split", default="forget05", help="forget01, forget05 or forget10")
+    a("--tol", type=float, default=None, help="allowed drop of retain ES-exact (default: the preset's)")
+    a("--out", default=None, help="folder of the mixed model (default: MODEL-uwc)")
+    a("--retain-stats", default=None, help="the retain-only model's eval.json, for Forget Quality")
+    a("--max-samples", type=int, default=None, help="final evaluation on the first N rows of each set only")
+    a("--batch-size", type=int, default=64, help="rows per forward pass")
+    a("--overwrite", action="store_true", help="replace a model already in --out")
+    a("--table", action="store_true", help="reproduce Table 1 on the built-in set (tiny preset)")
+    args = parser.parse_args(argv)
+    if args.table:
+        return table(args)
+    try:
+        if not args.model or not os.path.isdir(args.model):
+            raise common.UsageError(f"--model must be an unlearned run folder, got {args.model!r}")
+        if args.split not in common.SPLITS:
+            raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)})")
+        return run_uwc(args)
+    except common.UsageError as e:
+        common.die(str(e))
+
+
+if __name__ == "__main__":
+    main()
