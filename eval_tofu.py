@@ -46,7 +46,7 @@ def es_from_logits(logits, labels):
     miss = (logits[:, :-1].argmax(-1) != targets) & mask
     pos = mask.cumsum(1)  # 1..n at the answer tokens
     k_star = (pos * miss).max(1).values
-    return 1 - k_star / mask.sum(1)
+    return 1 - k_star.double() / mask.sum(1).double()  # float64: exactly 1 - k*/n as Python computes it
 
 
 def by_length(lengths, batch_size):
