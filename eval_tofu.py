@@ -83,12 +83,14 @@ def es_exact(model, tokenizer, rows, template, batch_size=64, question="question
 
 
 def quick_es(model, tokenizer, split, template, batch_size=64):
-    """Mean ES-exact on the forget rows and the held-out retain rows of `split` (a common.split_data
-    dict): what the method scripts print before and after unlearning."""
-    return {k: sum(v) / len(v) for k, v in (("forget", es_exact(model, tokenizer, split["forget"], template,
-                                                                  batch_size)),
-                                             ("retain", es_exact(model, tokenizer, split["retain_eval"], template,
-                                                                 batch_size)))}
+    """Mean ES-exact on the forget rows and on the held-out retain rows of `split` (a
+    common.split_data dict): what the method scripts print before and after unlearning."""
+    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size)),
+                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size)))
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
 
 
 # ----------------------------------------------------------------------------- generation and ROUGE-L
@@ -226,10 +228,6 @@ def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200
         metrics[name]["truth_ratio"] = truth_ratio_stat(ratios, forget=name == "forget")
     mu = model_utility([metrics[s][k] for s in SETS if s != "forget" for k in ("prob", "rouge", "truth_ratio")])
     return dict(metrics=metrics, model_utility=mu, per_sample=per)
-
-
-def mean(xs):
-    return sum(xs) / len(xs)
 
 
 # ----------------------------------------------------------------------------- the command
