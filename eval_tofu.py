@@ -7,11 +7,12 @@ Model Utility (MU) and Forget Quality (FQ) (Maini et al. 2024).
     python eval_tofu.py --model out/wga-tiny-forget05 --split forget05 # an unlearned model
     python eval_tofu.py --model phi-1.5 --split forget05 --retain-stats RETAIN/eval.json   # GPU
 
-ES of an answer y_1..y_n (EOS included as y_n, as in training) after its prompt is 1 - k*/n, where
-k* is the fewest answer tokens to give away before greedy decoding reproduces the rest. Greedy
-decoding from a correct prefix reproduces the rest exactly when the argmax at every later position
-is the next answer token, so one teacher-forced pass gives k* = position of the last mismatch (1..n),
-0 if none: no generation loop. TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob):
+ES of an answer y_1..y_n after its prompt is 1 - k*/n, where k* is the fewest answer tokens to give
+away before greedy decoding reproduces the rest; EOS is y_n, as in training, so an answer counts as
+reproduced only if decoding also stops there. Greedy decoding from a correct prefix reproduces the
+rest exactly when the argmax at every later position is the next answer token, so one teacher-forced
+pass gives k* = the position of the last mismatch (1..n), 0 if none: no generation loop.
+TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer and EOS):
   Probability  P̄(answer); on real_authors/world_facts P̄(true) / (P̄(true) + Σ P̄(perturbed))
   ROUGE-L      recall of the greedy generation against the answer (rouge-score, stemming)
   Truth ratio  R = geomean P̄(perturbed) / P̄(base), base = paraphrased_answer (forget, retain) or answer;
@@ -34,6 +35,7 @@ import torch
 import common
 
 SETS = ("retain", "real_authors", "world_facts", "forget")  # the order of TOFU's own aggregation
+HEADER = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ |"
 
 
 # ----------------------------------------------------------------------------- one forward pass: P̄ and ES
@@ -357,33 +359,35 @@ def main(argv=None):
     # Forget Quality: KS test against the retain-only model's forget-set truth ratios
     if args.retain_model:
         ref_ratios = forget_truth_ratios(retain_model, retain_tok, args.template, sets["forget"][1], args.batch_size)
-        reference = f"retain-only model {retain_path}"
+        reference = f"the retain-only model {retain_path}"
     elif stats:
-        ref_ratios, reference = stats[1][:len(questions)], f"retain stats {args.retain_stats}"
-    else:
-        ref_ratios, reference = None, None
-    fq = forget_quality(res["per_sample"]["forget"]["truth_ratio"], ref_ratios) if ref_ratios else None
-    res.update(forget_quality=fq, log10_forget_quality=(math.log10(fq) if fq else -math.inf) if fq is not None
-               else None, fq_reference=reference or "unavailable: no retain-only model (give --retain-model or "
-                                                       "--retain-stats)")
+        ref_ratios, reference = stats[1][:len(questions)], f"the retain stats {args.retain_stats}"
+    if args.retain_model or stats:
+        fq = forget_quality(res["per_sample"]["forget"]["truth_ratio"], ref_ratios)
+        log_fq = math.log10(fq) if fq > 0 else -math.inf
+    else:  # never a number without a reference
+        fq, log_fq, ref_ratios = None, None, None
+        reference = "unavailable: no retain-only model (give --retain-model or --retain-stats)"
     m = res["metrics"]
-    res["summary"] = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
-                          es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
-                          model_utility=res["model_utility"], log10_forget_quality=res["log10_forget_quality"])
+    summary = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
+                   es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
+                   model_utility=res["model_utility"], log10_forget_quality=log_fq)
     res = dict(model=path, split=args.split, data=args.data, template=args.template, rows=n,
-               seconds=round(time.time() - t0, 1), args=vars(args), **res)
+               seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq, log10_forget_quality=log_fq,
+               fq_reference=reference, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],
+               metrics=m, args=vars(args),
+               per_sample=res["per_sample"])
     write_json(out, res)
 
     # one row in the shape of the paper's Table 1, then the parts of MU
-    s = res["summary"]
-    fq_text = "n/a" if fq is None else f"{s['log10_forget_quality']:.4f}"
-    print("| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ |")
+    print(HEADER)
     print("| --- | --- | --- | --- | --- | --- |")
-    print("| " + " | ".join(f"{s[k]:.4f}" for k in list(s)[:5]) + f" | {fq_text} |")
+    print("| " + " | ".join(f"{summary[k]:.4f}" for k in list(summary)[:5])
+          + (" | n/a |" if fq is None else f" | {log_fq:.4f} |"))
     print("\n| set | Prob. | ROUGE-L | truth ratio |\n| --- | --- | --- | --- |")
     for k in SETS:
         print(f"| {k} | {m[k]['prob']:.4f} | {m[k]['rouge']:.4f} | {m[k]['truth_ratio']:.4f} |")
-    print(f"\nFQ: {'p = %.4g against the %s' % (fq, reference) if fq is not None else res['fq_reference']}")
+    print(f"\nFQ: {reference}" if fq is None else f"\nFQ: p = {fq:.4g} against {reference}")
     print(f"wrote {out} ({res['seconds']} s)")
     return res
 

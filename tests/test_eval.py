@@ -197,7 +197,8 @@ def test_evaluate_matches_its_parts(tiny):
     assert per["forget"]["truth_ratio"][1] == pytest.approx(want_r, rel=1e-4)
     wf = sets["world_facts"][1][2]
     t, ps = mean_logp(wf["question"], wf["answer"]), [mean_logp(wf["question"], p) for p in wf["perturbed_answer"]]
-    assert per["world_facts"]["prob"][2] == pytest.approx(math.exp(t) / (math.exp(t) + sum(map(math.exp, ps))), rel=1e-4)
+    want_p = math.exp(t) / (math.exp(t) + sum(map(math.exp, ps)))
+    assert per["world_facts"]["prob"][2] == pytest.approx(want_p, rel=1e-4)
     assert per["forget"]["es_perturb"] == eval_tofu.es_exact(model, tok, pert, QA, question="paraphrased_question")
     for name in eval_tofu.SETS:
         assert len(per[name]["prob"]) == len(per[name]["rouge"]) == len(per[name]["truth_ratio"]) == 4
@@ -245,7 +246,7 @@ def test_eval_command(tiny_path, tmp_path):
                    str(tmp_path / "rs.json"), "--batch-size", "4")
     assert r.returncode == 0, r.stderr
     assert "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ |" \
-        in r.stdout
+        in r.stdout.splitlines()
     d = json.load(open(model / "eval.json"))
     assert not (model / "eval.json.tmp").exists()
     assert d["data"] == "builtin" and d["template"] == QA and d["split"] == "forget05"
@@ -273,6 +274,18 @@ def test_eval_without_retain_reference(tiny_path, tmp_path):
     assert lines[lines.index("| --- | --- | --- | --- | --- | --- |") + 1].endswith("| n/a |")
     assert "FQ: unavailable" in r.stdout
     assert not (model / "eval.json").exists()
+
+
+def test_fq_against_a_retain_model(tiny_path, tmp_path):
+    """--retain-model: its forget-set truth ratios are computed and kept; against itself, p = 1."""
+    res = eval_tofu.main(["--model", tiny_path, "--retain-model", tiny_path, "--max-samples", "5",
+                          "--max-new-tokens", "4", "--out", str(tmp_path / "e.json")])
+    d = json.load(open(tmp_path / "e.json"))
+    assert d["forget_quality"] == res["forget_quality"] == 1.0 and d["log10_forget_quality"] == 0.0
+    assert d["fq_retain_truth_ratio"] == d["per_sample"]["forget"]["truth_ratio"] and tiny_path in d["fq_reference"]
+    other = eval_tofu.main(["--model", tiny_path, "--retain-stats", str(tmp_path / "e.json"), "--max-samples", "5",
+                            "--max-new-tokens", "4", "--out", str(tmp_path / "e2.json")])
+    assert other["forget_quality"] == 1.0  # its own eval.json as --retain-stats: the same numbers
 
 
 def test_tiny_retain_model_is_built_on_first_use(tmp_path, monkeypatch):
