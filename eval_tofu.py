@@ -1,0 +1,396 @@
+"""
+Evaluate a model on TOFU the way the paper's Table 1 does: Extraction Strength (ES-exact and
+ES-perturb, Wang et al. 2025) on the forget split and on the 400 held-out retain rows, and TOFU's
+Model Utility (MU) and Forget Quality (FQ) (Maini et al. 2024).
+
+    python eval_tofu.py --model tiny --split forget05                  # the "before unlearning" row
+    python eval_tofu.py --model out/wga-tiny-forget05 --split forget05 # an unlearned model
+    python eval_tofu.py --model phi-1.5 --split forget05 --retain-stats RETAIN/eval.json   # GPU
+
+ES of an answer y_1..y_n after its prompt is 1 - k*/n, where k* is the fewest answer tokens to give
+away before greedy decoding reproduces the rest; EOS is y_n, as in training, so an answer counts as
+reproduced only if decoding also stops there. Greedy decoding from a correct prefix reproduces the
+rest exactly when the argmax at every later position is the next answer token, so one teacher-forced
+pass gives k* = the position of the last mismatch (1..n), 0 if none: no generation loop.
+TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer and EOS):
+  Probability  P̄(answer); on real_authors/world_facts P̄(true) / (P̄(true) + Σ P̄(perturbed))
+  ROUGE-L      recall of the greedy generation against the answer (rouge-score, stemming)
+  Truth ratio  R = geomean P̄(perturbed) / P̄(base), base = paraphrased_answer (forget, retain) or answer;
+               reported as mean min(R, 1/R) on forget and mean max(0, 1 - R) in MU
+  MU           harmonic mean of {Probability, ROUGE-L, truth ratio} x {retain, real_authors, world_facts}
+  FQ           p-value of a two-sample KS test between the forget-set R of the model and of a
+               model fine-tuned on the retain split only (--retain-model, or its eval.json via
+               --retain-stats); printed as log10. For the tiny preset on the built-in data the
+               retain-only model is out/tiny/retainXX, fine-tuned on first use.
+Everything, per-row values included, goes to eval.json in the model folder (or --out).
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+import common
+
+SETS = ("retain", "real_authors", "world_facts", "forget")  # the order of TOFU's own aggregation
+HEADER = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ |"
+
+
+# ----------------------------------------------------------------------------- one forward pass: P̄ and ES
+
+def es_from_logits(logits, labels):
+    """ES per row from one teacher-forced pass. logits B x T x V, labels B x T (-100 off the answer).
+    k* = 1-based index, among the answer tokens, of the last one the argmax gets wrong (0 if none)."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    miss = (logits[:, :-1].argmax(-1) != targets) & mask
+    pos = mask.cumsum(1)  # 1..n at the answer tokens
+    k_star = (pos * miss).max(1).values
+    return 1 - k_star.double() / mask.sum(1).double()  # float64: exactly 1 - k*/n as Python computes it
+
+
+def by_length(lengths, batch_size):
+    """Row indices cut into batches of similar length (less padding); results go back by index."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def score(model, tokenizer, examples, batch_size=64, bar=None):
+    """Each encoded row's mean answer log-prob (log P̄) and ES, from one right-padded forward pass."""
+    device = next(model.parameters()).device
+    mean_logp, es = [0.0] * len(examples), [0.0] * len(examples)
+    for idx in by_length([len(e["input_ids"]) for e in examples], batch_size):
+        batch = common.collate([examples[i] for i in idx], tokenizer.pad_token_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp, mask = common.token_logprobs(logits, batch["labels"])
+        m = ((logp * mask).sum(1) / mask.sum(1)).tolist()
+        e = es_from_logits(logits, batch["labels"]).tolist()
+        for j, i in enumerate(idx):
+            mean_logp[i], es[i] = m[j], e[j]
+        if bar is not None:
+            bar.update(len(idx))
+    return mean_logp, es
+
+
+def es_exact(model, tokenizer, rows, template, batch_size=64, question="question"):
+    """Per-row ES of (row[question], row['answer']); question='paraphrased_question' gives ES-perturb."""
+    was_training = model.training
+    model.eval()
+    es = score(model, tokenizer, common.encode_rows(tokenizer, template, rows, question=question), batch_size)[1]
+    model.train(was_training)
+    return es
+
+
+def quick_es(model, tokenizer, split, template, batch_size=64):
+    """Mean ES-exact on the forget rows and on the held-out retain rows of `split` (a
+    common.split_data dict): what the method scripts print before and after unlearning."""
+    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size)),
+                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size)))
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+# ----------------------------------------------------------------------------- generation and ROUGE-L
+
+@torch.no_grad()
+def generate(model, tokenizer, examples, batch_size=64, max_new_tokens=200, bar=None):
+    """Greedy continuation of each prompt up to EOS, decoded. Batches are left-padded; `generate`
+    derives the position ids from the attention mask, so a padded row sees what it sees alone."""
+    device = next(model.parameters()).device
+    texts = [""] * len(examples)
+    for idx in by_length([len(e["prompt_ids"]) for e in examples], batch_size):
+        prompts = [examples[i]["prompt_ids"] for i in idx]
+        T = max(len(p) for p in prompts)
+        ids = torch.full((len(idx), T), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((len(idx), T), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, T - len(p):] = torch.tensor(p)
+            attn[j, T - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for j, i in enumerate(idx):
+            new = out[j, T:].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[:new.index(tokenizer.eos_token_id)]
+            texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        if bar is not None:
+            bar.update(len(idx))
+    return texts
+
+
+def rouge_l_recall(answers, generations):
+    """ROUGE-L recall of each generation against its answer, as TOFU scores it (stemming on)."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(a, g)["rougeL"].recall for a, g in zip(answers, generations)]
+
+
+# ----------------------------------------------------------------------------- TOFU's numbers, from log P̄
+
+def normalised_prob(true_logp, perturbed_logp):
+    """P̄(true) / (P̄(true) + Σ P̄(perturbed)) per row (real_authors, world_facts), computed stably."""
+    return [1 / sum(math.exp(min(p - t, 700)) for p in [t] + ps) for t, ps in zip(true_logp, perturbed_logp)]
+
+
+def truth_ratio(base_logp, perturbed_logp):
+    """R per row = geomean over perturbed answers of P̄(perturbed), divided by P̄(base).
+    (TOFU stores exp(perturbed loss - paraphrased loss) = 1/R; every statistic below agrees.)"""
+    # capped at e^700 to stay a finite float (JSON); no statistic below can tell the difference
+    return [math.exp(min(sum(ps) / len(ps) - b, 700)) for b, ps in zip(base_logp, perturbed_logp)]
+
+
+def truth_ratio_stat(ratios, forget):
+    """TOFU's truth-ratio score: mean min(R, 1/R) on the forget set, mean max(0, 1 - R) in utility."""
+    vals = [min(r, 1 / r) if r > 0 else 0.0 for r in ratios] if forget else [max(0.0, 1 - r) for r in ratios]
+    return sum(vals) / len(vals)
+
+
+def model_utility(values):
+    """Harmonic mean (scipy.stats.hmean); 0 as soon as one value is 0."""
+    return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
+
+
+def forget_quality(ratios, retain_ratios):
+    """p-value of the two-sample KS test between the forget-set truth ratios of the model and of
+    the retain-only model. KS depends on ranks only, so R and TOFU's 1/R give the same p-value."""
+    from scipy.stats import ks_2samp
+    return float(ks_2samp(ratios, retain_ratios).pvalue)
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+def load_sets(split, data, max_samples=None):
+    """The four evaluation sets as (question-answer rows, perturbed rows, base answer field).
+    forget: forgetXX and forgetXX_perturbed; retain: the 400 held-out retain rows and
+    retain_perturbed (same questions); real_authors, world_facts: their *_perturbed configs."""
+    s = common.split_data(split, data)
+    sets = dict(retain=(s["retain_eval"], common.load_tofu("retain_perturbed", data), "paraphrased_answer"),
+                real_authors=(None, common.load_tofu("real_authors_perturbed", data), "answer"),
+                world_facts=(None, common.load_tofu("world_facts_perturbed", data), "answer"),
+                forget=(s["forget"], common.load_tofu(f"{split}_perturbed", data), "paraphrased_answer"))
+    out = {}
+    for name, (qa, pert, base) in sets.items():
+        qa = pert if qa is None else qa
+        if [r["question"] for r in qa] != [r["question"] for r in pert]:
+            raise common.UsageError(f"the {name} rows and their perturbed config ask different questions")
+        out[name] = (qa[:max_samples], pert[:max_samples], base)
+    return out
+
+
+def perturbed_logp(model, tokenizer, template, rows, batch_size=64, bar=None):
+    """log P̄ of every perturbed answer of every row (a list per row), in one batched pass."""
+    flat = [(i, p) for i, r in enumerate(rows) for p in r["perturbed_answer"]]
+    ex = [common.encode(tokenizer, template, rows[i]["question"], p) for i, p in flat]
+    out = [[] for _ in rows]
+    for (i, _), lp in zip(flat, score(model, tokenizer, ex, batch_size, bar)[0]):
+        out[i].append(lp)
+    return out
+
+
+def forget_truth_ratios(model, tokenizer, template, pert, batch_size=64):
+    """R per forget row: all that Forget Quality needs from the retain-only model."""
+    model.eval()
+    base = score(model, tokenizer, common.encode_rows(tokenizer, template, pert, answer="paraphrased_answer"),
+                 batch_size)[0]
+    return truth_ratio(base, perturbed_logp(model, tokenizer, template, pert, batch_size))
+
+
+def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200, progress=True):
+    """Every per-row value and every aggregate of one model on the sets of `load_sets`."""
+    from tqdm import tqdm
+    model.eval()
+    per, metrics = {}, {}
+    for name, (qa, pert, base) in sets.items():
+        has_es = name in ("retain", "forget")
+        todo = 2 * len(qa) + (base != "answer") * len(pert) + sum(len(r["perturbed_answer"]) for r in pert) \
+            + has_es * len(pert)
+        with tqdm(total=todo, desc=f"eval {name}", unit="seq", disable=not progress) as bar:
+            ex = common.encode_rows(tokenizer, template, qa)
+            logp, es = score(model, tokenizer, ex, batch_size, bar)  # P̄(answer) and ES-exact: one pass
+            gens = generate(model, tokenizer, ex, batch_size, max_new_tokens, bar)
+            base_logp = logp if base == "answer" else score(
+                model, tokenizer, common.encode_rows(tokenizer, template, pert, answer=base), batch_size, bar)[0]
+            pert_logp = perturbed_logp(model, tokenizer, template, pert, batch_size, bar)
+            ratios = truth_ratio(base_logp, pert_logp)
+            row = dict(question=[r["question"] for r in qa], generation=gens,
+                       prob=[math.exp(x) for x in logp] if has_es else normalised_prob(logp, pert_logp),
+                       rouge=rouge_l_recall([r["answer"] for r in qa], gens), truth_ratio=ratios)
+            if has_es:  # ES-perturb: the paraphrased question with the original answer
+                row["es_exact"] = es
+                row["es_perturb"] = score(model, tokenizer, common.encode_rows(
+                    tokenizer, template, pert, question="paraphrased_question"), batch_size, bar)[1]
+        per[name] = row
+        metrics[name] = {k: mean(row[k]) for k in ("prob", "rouge", "es_exact", "es_perturb") if k in row}
+        metrics[name]["truth_ratio"] = truth_ratio_stat(ratios, forget=name == "forget")
+    mu = model_utility([metrics[s][k] for s in SETS if s != "forget" for k in ("prob", "rouge", "truth_ratio")])
+    return dict(metrics=metrics, model_utility=mu, per_sample=per)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def model_defaults(model, path):
+    """(preset, data, template) of a preset, or of a folder made by this project's scripts, whose
+    args.json names the preset, data and template it was trained with; else the generic defaults."""
+    if model in common.PRESETS:
+        p = common.PRESETS[model]
+        return model, p["data"], p["template"]
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            a = json.load(f)
+    except (OSError, ValueError):
+        a = {}
+    preset = a.get("model") if a.get("model") in common.PRESETS else None
+    p = common.PRESETS.get(preset, common.OTHER)
+    return preset, a.get("data") or p["data"], a.get("template") or p["template"]
+
+
+def tiny_retain_model(split):
+    """out/tiny/retain(100-XX): the tiny preset's retain-only model, fine-tuned on first use."""
+    path = os.path.join(os.path.dirname(common.PRESETS["tiny"]["path"]), f"retain{100 - int(split[-2:])}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        import finetune  # made by finetune.py's code, once, then cached, like the target model
+        t0 = time.time()
+        print(f"[tiny] no retain-only model at {path}: fine-tuning one for Forget Quality "
+              f"(about 2 minutes on 2 CPU cores)", flush=True)
+        finetune.main(["--model", "tiny", "--split", os.path.basename(path), "--out", path, "--log-every", "100"])
+        print(f"[tiny] built in {time.time() - t0:.0f} s", flush=True)
+    return path
+
+
+def read_retain_stats(path, split):
+    """(questions, truth ratios) of the forget rows in an earlier eval.json of the retain-only model."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except OSError as e:
+        raise common.UsageError(f"cannot read --retain-stats {path}: {e.strerror}")
+    except ValueError as e:
+        raise common.UsageError(f"--retain-stats {path} is not valid JSON: {e}")
+    try:
+        q, r = d["per_sample"]["forget"]["question"], d["per_sample"]["forget"]["truth_ratio"]
+        ok = isinstance(q, list) and isinstance(r, list) and len(q) == len(r) > 0 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in r)
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise common.UsageError(f"--retain-stats {path} is not an eval.json of eval_tofu.py "
+                                f"(per_sample.forget.question and .truth_ratio are missing or malformed)")
+    if d.get("split") != split:
+        raise common.UsageError(f"--retain-stats {path} is for split {d.get('split')}, not {split}")
+    return q, r
+
+
+def write_json(path, obj):
+    """Write atomically: a temporary file renamed into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = parser.add_argument
+    a("--model", default="tiny", help=f"preset ({', '.join(common.PRESETS)}), hub id or local model folder")
+    a("--data", default=None, help="'builtin', a hub id such as locuslab/TOFU, or a folder of <config>.json "
+                                   "files (default: the preset's, or the one the model folder was trained on)")
+    a("--split", default="forget05", help="forget01, forget05 or forget10")
+    a("--template", default=None, help="prompt template with {q} and {a} (default: as --data)")
+    ref = parser.add_mutually_exclusive_group()
+    ref.add_argument("--retain-model", default=None, help="retain-only model for Forget Quality (preset, hub id "
+                                                          "or folder; default for tiny: out/tiny/retainXX)")
+    ref.add_argument("--retain-stats", default=None, help="the retain-only model's eval.json, instead of the model")
+    a("--out", default=None, help="where eval.json goes (default: MODEL_FOLDER/eval.json)")
+    a("--max-samples", type=int, default=None, help="evaluate only the first N rows of each set (default: all)")
+    a("--batch-size", type=int, default=64, help="rows per forward pass or generation batch")
+    a("--max-new-tokens", type=int, default=200, help="generation cap for ROUGE-L (TOFU: 200 tokens in all)")
+    a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    try:
+        if args.split not in common.SPLITS:
+            raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)})")
+        if args.max_samples is not None and args.max_samples < 1:
+            raise common.UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
+        if args.batch_size < 1 or args.max_new_tokens < 1:
+            raise common.UsageError("--batch-size and --max-new-tokens must be >= 1")
+        if args.out and os.path.isdir(args.out):
+            raise common.UsageError(f"--out {args.out} is a folder; give a file path")
+        stats = read_retain_stats(args.retain_stats, args.split) if args.retain_stats else None
+        for m in (args.model, args.retain_model):  # a path that is not there, rather than a hub id
+            if m and m not in common.PRESETS and not os.path.isdir(m) and (m.startswith((".", "/", "~"))
+                                                                           or m.count("/") != 1):
+                raise common.UsageError(f"model folder '{m}' does not exist")
+        path = common.model_path(args.model)
+        preset, data, template = model_defaults(args.model, path)
+        args.data, args.template = args.data or data, args.template or template
+        if not 0 <= args.template.find("{q}") < args.template.find("{a}"):
+            raise common.UsageError(f"--template must contain {{q}} and then {{a}}, got {args.template!r}")
+        sets = load_sets(args.split, args.data, args.max_samples)
+        questions = [r["question"] for r in sets["forget"][0]]
+        if stats and stats[0][:len(questions)] != questions:
+            raise common.UsageError(f"--retain-stats {args.retain_stats} was computed on other forget rows "
+                                    f"(not the first {len(questions)} of {args.split} in {args.data})")
+        if args.retain_model is None and stats is None and preset == "tiny" and args.data == "builtin":
+            args.retain_model = tiny_retain_model(args.split)
+        tokenizer = common.load_tokenizer(path, args.trust_remote_code)
+        model = common.load_model(path, args.trust_remote_code, frozen=True)
+        if args.retain_model:
+            retain_path = common.model_path(args.retain_model)
+            retain_tok = common.load_tokenizer(retain_path, args.trust_remote_code)
+            retain_model = common.load_model(retain_path, args.trust_remote_code, frozen=True)
+    except common.UsageError as e:
+        common.die(str(e))
+    out = args.out or (os.path.join(path, "eval.json") if os.path.isdir(path)
+                       else str(common.OUT / f"eval-{path.replace('/', '_')}" / "eval.json"))
+    n = {k: len(v[0]) for k, v in sets.items()}
+    print(f"eval {path} on {args.split} ({args.data}) | rows: " + ", ".join(f"{v} {k}" for k, v in n.items())
+          + f" | {next(model.parameters()).device}", flush=True)
+
+    res = evaluate(model, tokenizer, sets, args.template, args.batch_size, args.max_new_tokens)
+    # Forget Quality: KS test against the retain-only model's forget-set truth ratios
+    if args.retain_model:
+        ref_ratios = forget_truth_ratios(retain_model, retain_tok, args.template, sets["forget"][1], args.batch_size)
+        reference = f"the retain-only model {retain_path}"
+    elif stats:
+        ref_ratios, reference = stats[1][:len(questions)], f"the retain stats {args.retain_stats}"
+    if args.retain_model or stats:
+        fq = forget_quality(res["per_sample"]["forget"]["truth_ratio"], ref_ratios)
+        log_fq = math.log10(fq) if fq > 0 else -math.inf
+    else:  # never a number without a reference
+        fq, log_fq, ref_ratios = None, None, None
+        reference = "unavailable: no retain-only model (give --retain-model or --retain-stats)"
+    m = res["metrics"]
+    summary = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
+                   es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
+                   model_utility=res["model_utility"], log10_forget_quality=log_fq)
+    res = dict(model=path, split=args.split, data=args.data, template=args.template, rows=n,
+               seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq, log10_forget_quality=log_fq,
+               fq_reference=reference, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],
+               metrics=m, args=vars(args),
+               per_sample=res["per_sample"])
+    write_json(out, res)
+
+    # one row in the shape of the paper's Table 1, then the parts of MU
+    print(HEADER)
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("| " + " | ".join(f"{summary[k]:.4f}" for k in list(summary)[:5])
+          + (" | n/a |" if fq is None else f" | {log_fq:.4f} |"))
+    print("\n| set | Prob. | ROUGE-L | truth ratio |\n| --- | --- | --- | --- |")
+    for k in SETS:
+        print(f"| {k} | {m[k]['prob']:.4f} | {m[k]['rouge']:.4f} | {m[k]['truth_ratio']:.4f} |")
+    print(f"\nFQ: {reference}" if fq is None else f"\nFQ: p = {fq:.4g} against {reference}")
+    print(f"wrote {out} ({res['seconds']} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
