@@ -218,6 +218,9 @@ def test_two_steps(method, reg, tiny_path, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert json.load(open(out / "args.json"))["reg"] == reg
+    summary = json.load(open(out / "summary.json"))  # ES-exact before -> after, also printed
+    assert summary["es_before"]["forget"] == 1.0 and 0 <= summary["es_after"]["retain"] <= 1
+    assert f"ES-exact forget {summary['es_before']['forget']:.4f} -> {summary['es_after']['forget']:.4f}" in r.stdout
 
 
 @pytest.mark.parametrize("method,argv,msg", [
