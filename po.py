@@ -80,7 +80,7 @@ def main(argv=None):
                                                  args.rr_layer, measure)
             # the G-effect's risk is the NLL of the true answers, which PO itself does not forward
             true = common.answer_logprobs(model, forget_batch) if probe.active(forget_batch["step"]) else (None, None)
-            probe.backward(loss, args.reg_weight * reg, *true, forget_batch)  # (loss + reg).backward(), and the G-effect
+            probe.backward(loss, args.reg_weight * reg, *true, forget_batch)  # (loss + reg).backward()
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] += common.nll(model, forget_batch, n["forget_tok"]) if measure else 0  # true answers

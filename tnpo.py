@@ -72,7 +72,7 @@ def main(argv=None):
             loss, stats = tnpo_loss(logp, forget_batch["ref_logp"], mask, args.beta, n["forget_tok"])
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
-            probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward(), and the G-effect
+            probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward()
             logs["objective"] += loss.item()
             logs["reg"] += reg.item()
             logs["forget_nll"] -= (logp.detach() * mask).sum().item() / n["forget_tok"]
