@@ -34,6 +34,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
+        geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=args.reg in ("kl", "rr"))
     except common.UsageError as e:
         common.die(str(e))

@@ -41,6 +41,12 @@ def add_flags(parser):
     a("--geffect-pointwise", action="store_true", help="also the PG-effect of every forget sample (eq. 5)")
 
 
+def check_flags(args):
+    """Raise UsageError on bad G-effect flags (before anything is loaded or written)."""
+    if args.geffect_every < 0 or args.geffect_retain < 1:
+        raise common.UsageError("--geffect-every must be >= 0 and --geffect-retain >= 1")
+
+
 def param_groups(model) -> list:
     """(name, parameter, group, decoder layer or None) for every trainable parameter: decoder layers
     cut into three contiguous thirds; embeddings 'embed'; everything else (final norm, lm head) 'lm'."""
@@ -67,8 +73,7 @@ class Probe:
     def __init__(self, args, model, tokenizer, retain_rows, run_dir):
         self.every, self.pointwise = args.geffect_every, args.geffect_pointwise
         self.beta = getattr(args, "beta", None)
-        if self.every < 0 or args.geffect_retain < 1:
-            raise common.UsageError("--geffect-every must be >= 0 and --geffect-retain >= 1")
+        check_flags(args)
         if not self.every:
             return
         self.model, self.pad = model, tokenizer.pad_token_id

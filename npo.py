@@ -43,6 +43,7 @@ def main(argv=None):
         common.resolve_flags(args)
         if args.beta <= 0:
             raise common.UsageError(f"--beta must be positive, got {args.beta}")
+        geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=True)
     except common.UsageError as e:
         common.die(str(e))

@@ -45,6 +45,7 @@ def main(argv=None):
         args.c = preset["rmu_c"] if args.c is None else args.c
         if args.layer is None:
             raise common.UsageError("--layer is needed for a model that is not a preset")
+        geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=args.reg in ("kl", "rr"))
     except common.UsageError as e:
         common.die(str(e))

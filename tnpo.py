@@ -41,6 +41,7 @@ def main(argv=None):
         args.beta = (5.0 if args.split == "forget10" else 4.0) if args.beta is None else args.beta
         if args.beta <= 0:
             raise common.UsageError(f"--beta must be positive, got {args.beta}")
+        geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=True)
     except common.UsageError as e:
         common.die(str(e))

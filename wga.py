@@ -39,6 +39,7 @@ def main(argv=None):
         args.alpha = (7.0 if args.split == "forget10" else 5.0) if args.alpha is None else args.alpha
         if args.alpha < 0:
             raise common.UsageError(f"--alpha must be >= 0, got {args.alpha}")
+        geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=args.reg in ("kl", "rr"))
     except common.UsageError as e:
         common.die(str(e))

@@ -40,6 +40,7 @@ def main(argv=None):
         args.beta = (7.0 if args.split == "forget10" else 5.0) if args.beta is None else args.beta
         if args.alpha < 0 or args.beta <= 0:
             raise common.UsageError(f"--alpha must be >= 0 and --beta positive, got {args.alpha} and {args.beta}")
+        geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=True)
     except common.UsageError as e:
         common.die(str(e))

@@ -233,6 +233,7 @@ def test_two_steps(method, reg, tiny_path, tmp_path):
     ("ga", ["--reg", "rr", "--rr-layer", "-1"], "--rr-layer -1 is out of range"),
     ("npo", ["--lr", "0"], "--lr must be positive"),
     ("ga", ["--split", "forget07"], "unknown split"),
+    ("wga", ["--geffect-every", "-1"], "--geffect-every must be >= 0"),
 ])
 def test_bad_flags(method, argv, msg, tiny_path, tmp_path):
     r = run_script(f"{method}.py", "--out", str(tmp_path / "x"), *argv)
