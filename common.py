@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -368,9 +369,16 @@ def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int 
     return (dist * mask).sum() / n_tok, retain_nll.item()
 
 
-def clip_and_step(model, optimizer, max_grad_norm: float) -> float:
-    """Clip the gradient norm (0 = off), take the optimizer step, clear gradients; the norm before clipping."""
+class NonFinite(Exception):
+    """A NaN or infinite loss or gradient: the run stops before the step is taken."""
+
+
+def clip_and_step(model, optimizer, max_grad_norm: float, step: int) -> float:
+    """Clip the gradient norm (0 = off), take the optimizer step, clear gradients; the norm before
+    clipping. A non-finite norm (a NaN or inf loss gives one) raises NonFinite naming `step`."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    if not torch.isfinite(norm):
+        raise NonFinite(f"non-finite loss or gradient at step {step}: stopped before the update, no model saved")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.item()
@@ -524,7 +532,7 @@ class Run:
         row = dict(step=step, **row)
         fields = [k for k in ("loss", "objective", "reg", "forget_nll", "retain_nll") if k in row]
         fields += [k for k in row if k not in fields + ["step", "lr", "grad_norm", "tok_s"]] + ["lr", "grad_norm"]
-        show = lambda v: "-" if v is None else f"{v:.3e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+        show = lambda v: "-" if v is None else f"{v:.3e}" if 0 < abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.4f}"
         self.log(row, f"step {step}/{total} | " + " | ".join(f"{k} {show(row[k])}" for k in fields)
                  + f" | tok/s {row['tok_s']:.0f}")
 
@@ -536,9 +544,31 @@ class Run:
         for name, obj in (extra or {}).items():
             (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         old = self.out.with_name(self.out.name + ".old")
-        if self.out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:  # the two renames are not interrupted: <out> is always a whole model (or the old one)
+            if self.out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         shutil.rmtree(old, ignore_errors=True)
         return self.out
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def cli(main):
+    """Run a script's main(): Ctrl-C or SIGTERM, and a non-finite loss, stop it with one line on
+    stderr; run folders are written atomically, so no half-written model is left behind."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).name}: interrupted: no model was written", file=sys.stderr)
+        sys.exit(130)
+    except NonFinite as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -107,14 +107,12 @@ def main(argv=None):
                 loss = -(logp * mask).sum() / n_tok
                 loss.backward()
                 loss_sum += loss.item()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norm = common.clip_and_step(model, optimizer, args.max_grad_norm, step + 1)
             step, tokens = step + 1, tokens + n_tok
             if step % args.log_every == 0 or step == total:
                 tps = tokens / (time.time() - t0)
-                run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tok_s=tps),
-                        f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm.item():.2f} | "
+                run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm, tok_s=tps),
+                        f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm:.2f} | "
                         f"tok/s {tps:.0f}")
     out = run.save(model, tokenizer, extra=dict(finetune=dict(wall_s=time.time() - t0, steps=total)))
     print(f"saved {out} ({time.time() - t0:.0f} s)")
@@ -122,4 +120,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

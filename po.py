@@ -88,7 +88,7 @@ def main(argv=None):
             logs["retain_nll"] += retain_nll or 0
             for k, v in stats.items():
                 logs[k] += v
-        grad_norm = common.clip_and_step(model, optimizer, args.max_grad_norm)
+        grad_norm = common.clip_and_step(model, optimizer, args.max_grad_norm, step + 1)
         tokens += n["alt_tok"]
         if measure:
             row = dict(loss=logs["objective"] + args.reg_weight * logs["reg"], **logs, lr=lr, grad_norm=grad_norm,
@@ -108,4 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)
