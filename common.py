@@ -539,6 +539,8 @@ class Run:
     def save(self, model, tokenizer, extra: dict = None):
         """save_pretrained (safetensors) into the run folder and move it into place."""
         self._log.close()
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # one line per saved model is enough
         model.save_pretrained(self.tmp, safe_serialization=True)
         tokenizer.save_pretrained(self.tmp)
         for name, obj in (extra or {}).items():

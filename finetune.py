@@ -12,7 +12,6 @@ tokenizer trained on the built-in set, and trains until the data is memorised. I
 the chosen config plus the general-knowledge rows (real_authors, world_facts): they play the
 part of pre-training knowledge, which no split forgets.
 """
-import argparse
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ def tiny_model(tokenizer, seed):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     common.add_shared_flags(parser, split="full")
     args = parser.parse_args(argv)
     try:
@@ -95,9 +94,7 @@ def main(argv=None):
         for idx in common.epoch_batches(len(examples), args.batch_size, args.seed, step // per_epoch):
             if step >= total:
                 break
-            lr = common.lr_at(step, total, warmup, args.lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            lr = common.set_lr(optimizer, common.lr_at(step, total, warmup, args.lr))
             batch_examples = [examples[i] for i in idx]
             n_tok = sum(sum(t != -100 for t in e["labels"]) for e in batch_examples)
             loss_sum = 0.0
@@ -114,7 +111,7 @@ def main(argv=None):
                 run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm, tok_s=tps),
                         f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm:.2f} | "
                         f"tok/s {tps:.0f}")
-    out = run.save(model, tokenizer, extra=dict(finetune=dict(wall_s=time.time() - t0, steps=total)))
+    out = run.save(model, tokenizer, extra={"summary.json": dict(seconds=time.time() - t0, steps=total)})
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out
 
