@@ -58,10 +58,16 @@ def test_search_keeps_a_model_that_already_satisfies():
 
 
 def test_uwc_command(two_models, tmp_path):
+    import common
     original, unlearned = two_models
     out = tmp_path / "mixed"
+    # a made-up retain-only reference for Forget Quality (the real one takes minutes to fine-tune)
+    questions = [r["question"] for r in common.load_tofu("forget05")[:8]]
+    stats = tmp_path / "retain_eval.json"
+    stats.write_text(json.dumps(dict(split="forget05", per_sample=dict(forget=dict(
+        question=questions, truth_ratio=[0.5 + 0.05 * i for i in range(8)])))))
     r = run_script("uwc.py", "--model", unlearned, "--split", "forget05", "--out", str(out), "--max-samples", "8",
-                   "--tol", "0.02")
+                   "--tol", "0.02", "--retain-stats", str(stats))
     assert r.returncode == 0, r.stderr
     res = json.load(open(out / "uwc.json"))
     assert 0 <= res["lam"] <= 1 and res["probes"][0]["lam"] == 1.0
@@ -72,6 +78,7 @@ def test_uwc_command(two_models, tmp_path):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)
     assert set(res["summary"]) >= {"es_exact_retain", "es_exact_unlearn", "model_utility"}
+    assert res["summary"]["log10_forget_quality"] <= 0  # a p-value against the given reference
     assert "ES-exact retain" in r.stdout and (out / "eval.json").is_file()
 
 
