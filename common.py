@@ -201,6 +201,7 @@ def _read_hub(hub_id, config):
     try:
         import datasets
         datasets.logging.set_verbosity_error()
+        _quiet_hub()
         return [dict(r) for r in datasets.load_dataset(hub_id, config, split="train")], f"hub dataset {hub_id}"
     except Exception as e:  # no network, unknown id or config: say what was tried and what works offline
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
@@ -433,8 +434,16 @@ def model_path(model: str) -> str:
     return PRESETS[model]["path"] if model in PRESETS else model
 
 
+def _quiet_hub():
+    """The hub client's own warnings (e.g. each failed request offline) stay off stderr: a
+    failure is reported once, in our one line."""
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()
+
+
 def load_tokenizer(path: str, trust_remote_code=False):
     from transformers import AutoTokenizer
+    _quiet_hub()
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
