@@ -160,7 +160,7 @@ def load_tofu(config: str, data: str = "builtin") -> list:
         where = "the built-in set"
     elif os.path.isdir(data):
         rows, where = _read_folder(data, config)
-    elif data.startswith((".", "/", "~")) or data.count("/") != 1:  # a hub id is owner/name
+    elif missing_folder(data):
         raise UsageError(f"data folder '{data}' does not exist")
     else:
         rows, where = _read_hub(data, config)
@@ -307,9 +307,9 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         f_idx = epoch_batches(len(forget), args.batch_size, args.seed, step // per_epoch)[step % per_epoch]
         r_idx = retain_order[step * args.batch_size:(step + 1) * args.batch_size]
         f_ex, r_ex = [forget[i] for i in f_idx], [retain[i] for i in r_idx]
-        n = dict(forget_tok=_n_answer(f_ex), forget_rows=len(f_ex), retain_tok=_n_answer(r_ex))
+        n = dict(forget_tok=n_answer(f_ex), forget_rows=len(f_ex), retain_tok=n_answer(r_ex))
         if "alt" in f_ex[0]:
-            n["alt_tok"] = _n_answer([e["alt"] for e in f_ex])
+            n["alt_tok"] = n_answer([e["alt"] for e in f_ex])
         batches = [(collate(f_ex[k:k + micro], pad_id, device), collate(r_ex[k:k + micro], pad_id, device))
                    for k in range(0, len(f_ex), micro)]
         for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (for the G-effect)
@@ -322,7 +322,8 @@ def default_out(script: str, args) -> str:
     return args.out or str(OUT / f"{Path(script).stem}-{args.model.replace('/', '_')}-{args.split}")
 
 
-def _n_answer(examples):
+def n_answer(examples) -> int:
+    """Answer tokens (labels other than -100) of encoded examples."""
     return sum(sum(y != -100 for y in e["labels"]) for e in examples)
 
 
@@ -422,16 +423,27 @@ def load_for_unlearning(args, reference: bool):
 def model_path(model: str) -> str:
     """Where a preset, hub id or folder is loaded from; builds the tiny model when it is missing."""
     if model == "tiny":
-        path = PRESETS["tiny"]["path"]
-        if not os.path.isfile(os.path.join(path, "model.safetensors")):
-            import finetune  # the tiny target model is made by finetune.py's code, once, then cached
-            t0 = time.time()
-            print(f"[tiny] no target model at {path}: fine-tuning one from scratch on the built-in set "
-                  f"(about 3 minutes on 2 CPU cores)", flush=True)
-            finetune.main(["--model", "tiny", "--split", "full", "--out", path, "--log-every", "100"])
-            print(f"[tiny] built in {time.time() - t0:.0f} s", flush=True)
-        return path
+        return tiny_path("full")
     return PRESETS[model]["path"] if model in PRESETS else model
+
+
+def tiny_path(config: str) -> str:
+    """out/tiny/<config>: the tiny model fine-tuned on `config` (full: the target model; retainXX:
+    the retain-only model of Forget Quality), made by finetune.py's code on first use, then cached."""
+    path = os.path.join(os.path.dirname(PRESETS["tiny"]["path"]), config)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        import finetune
+        t0 = time.time()
+        print(f"[tiny] no model at {path}: fine-tuning one from scratch on the built-in {config} rows "
+              f"(about 2 minutes on 2 CPU cores)", flush=True)
+        finetune.main(["--model", "tiny", "--split", config, "--out", path, "--log-every", "100"])
+        print(f"[tiny] built in {time.time() - t0:.0f} s", flush=True)
+    return path
+
+
+def missing_folder(name: str) -> bool:
+    """True for a name that can only be a local folder (a path, not a hub id owner/name) and is not there."""
+    return not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1)
 
 
 def _quiet_hub():

@@ -252,15 +252,7 @@ def model_defaults(model, path):
 
 def tiny_retain_model(split):
     """out/tiny/retain(100-XX): the tiny preset's retain-only model, fine-tuned on first use."""
-    path = os.path.join(os.path.dirname(common.PRESETS["tiny"]["path"]), f"retain{100 - int(split[-2:])}")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        import finetune  # made by finetune.py's code, once, then cached, like the target model
-        t0 = time.time()
-        print(f"[tiny] no retain-only model at {path}: fine-tuning one for Forget Quality "
-              f"(about 2 minutes on 2 CPU cores)", flush=True)
-        finetune.main(["--model", "tiny", "--split", os.path.basename(path), "--out", path, "--log-every", "100"])
-        print(f"[tiny] built in {time.time() - t0:.0f} s", flush=True)
-    return path
+    return common.tiny_path(f"retain{100 - int(split[-2:])}")
 
 
 def read_retain_stats(path, split):
@@ -326,8 +318,7 @@ def main(argv=None):
             raise common.UsageError(f"--out {args.out} is a folder; give a file path")
         stats = read_retain_stats(args.retain_stats, args.split) if args.retain_stats else None
         for m in (args.model, args.retain_model):  # a path that is not there, rather than a hub id
-            if m and m not in common.PRESETS and not os.path.isdir(m) and (m.startswith((".", "/", "~"))
-                                                                           or m.count("/") != 1):
+            if m and m not in common.PRESETS and common.missing_folder(m):
                 raise common.UsageError(f"model folder '{m}' does not exist")
         path = common.model_path(args.model)
         preset, data, template = model_defaults(args.model, path)

@@ -96,7 +96,7 @@ def main(argv=None):
                 break
             lr = common.set_lr(optimizer, common.lr_at(step, total, warmup, args.lr))
             batch_examples = [examples[i] for i in idx]
-            n_tok = sum(sum(t != -100 for t in e["labels"]) for e in batch_examples)
+            n_tok = common.n_answer(batch_examples)
             loss_sum = 0.0
             for k in range(0, len(idx), micro):  # gradient accumulation: exact token mean of the whole batch
                 batch = common.collate(batch_examples[k:k + micro], tokenizer.pad_token_id, device)
