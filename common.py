@@ -63,8 +63,9 @@ class UsageError(Exception):
 
 
 def die(msg: str):
-    """Print one clear line on stderr and exit with status 2."""
-    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+    """Print one clear line on stderr and exit with status 2 (under torchrun, rank 0 prints it)."""
+    if is_main():
+        print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -298,7 +299,8 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list:
 def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, device):
     """Yield, for each of `total` optimizer steps, the micro-batches [(forget_batch, retain_batch), ...]
     and the step's normalizers n = {forget_tok, forget_rows, retain_tok}. An epoch is one pass over
-    the forget rows; retain rows are drawn in their own shuffled passes, as many per step."""
+    the forget rows; retain rows are drawn in their own shuffled passes, as many per step. Under
+    torchrun each process gets its share of every micro-batch's rows; n counts the whole step."""
     per_epoch = math.ceil(len(forget) / args.batch_size)
     retain_order = [i for e in range(math.ceil(total * args.batch_size / len(retain)) + 1)
                     for i in epoch_batches(len(retain), len(retain), args.seed + 1, e)[0]]
@@ -310,10 +312,10 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         n = dict(forget_tok=n_answer(f_ex), forget_rows=len(f_ex), retain_tok=n_answer(r_ex))
         if "alt" in f_ex[0]:
             n["alt_tok"] = n_answer([e["alt"] for e in f_ex])
-        batches = [(collate(f_ex[k:k + micro], pad_id, device), collate(r_ex[k:k + micro], pad_id, device))
+        batches = [(collate(shard(f_ex[k:k + micro]), pad_id, device), collate(shard(r_ex[k:k + micro]), pad_id, device))
                    for k in range(0, len(f_ex), micro)]
         for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (for the G-effect)
-            forget_batch.update(step=step, last=k + 1 == len(batches))
+            forget_batch.update(step=step, last=k + 1 == len(batches), n_tok=n["forget_tok"])
         yield batches, n
 
 
@@ -378,7 +380,7 @@ class NonFinite(Exception):
 def clip_and_step(model, optimizer, max_grad_norm: float, step: int) -> float:
     """Clip the gradient norm (0 = off), take the optimizer step, clear gradients; the norm before
     clipping. A non-finite norm (a NaN or inf loss gives one) raises NonFinite naming `step`."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
     if not torch.isfinite(norm):
         raise NonFinite(f"non-finite loss or gradient at step {step}: stopped before the update, no model saved")
     optimizer.step()
@@ -392,18 +394,108 @@ def set_lr(optimizer, lr: float) -> float:
     return lr
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# Under `torchrun --nproc_per_node N` every process runs the same script: the model is sharded with
+# FSDP2 (one unit per decoder layer), each micro-batch's rows are dealt out to the processes, the
+# losses are normalised by the counts of the whole step and the gradients are summed, not averaged,
+# so a step is the same step as in one process. Only rank 0 prints, logs and saves.
+
+def world() -> tuple:
+    """(rank, number of processes): (0, 1) in a plain run; read from torchrun's environment
+    before the process group is up."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def init_distributed():
+    """Under torchrun: start the process group (NCCL on CUDA, gloo on CPU), pin this process to
+    its GPU and silence the other ranks' stdout. A no-op in a plain run or when already started."""
+    import torch.distributed as dist
+    if world()[1] == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def shard(rows: list) -> list:
+    """This process's share of a micro-batch's rows (all of them in a plain run)."""
+    rank, size = world()
+    return rows[rank::size]
+
+
+def shard_model(model):
+    """FSDP2 under torchrun: each decoder layer one unit, the rest (embeddings, final norm, output
+    layer) the root unit; the parameters become DTensor shards on this process's device. The
+    gradient is the sum over processes (each holds its share of a step's rows and divides by the
+    step's total count). Returns `model` unchanged in a plain run."""
+    if world()[1] == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+    layers = next(m for m in model.modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):  # a plain SUM (gloo has no pre-multiplied sum)
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def all_sum(values: dict) -> dict:
+    """Sum a dict of numbers over the processes (each holds its share of a step): one all-reduce."""
+    if world()[1] == 1:
+        return dict(values)
+    import torch.distributed as dist
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def full(t):
+    """A DTensor (a sharded parameter, gradient or norm) as an ordinary tensor; others as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local(t):
+    """This process's shard of a DTensor; an ordinary tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def single_process(script: str):
+    """Raise UsageError when launched by torchrun: `script` runs in one process."""
+    if world()[1] > 1:
+        raise UsageError(f"{script} runs in one process: start it with python, not torchrun")
+
+
 # ----------------------------------------------------------------------------- models
 
 def device_and_dtype():
     """CUDA with bf16 when there is a GPU, else CPU with fp32."""
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
     return torch.device("cpu"), torch.float32
 
 
 def load_for_unlearning(args, reference: bool):
     """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
-    raises UsageError. A layer flag is checked against the model's depth here."""
+    raises UsageError. A layer flag is checked against the model's depth here. Under torchrun this
+    starts the process group and the models come back sharded (FSDP2)."""
+    init_distributed()
     data = split_data(args.split, args.data)
     path = model_path(args.model)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
@@ -467,20 +559,25 @@ def load_tokenizer(path: str, trust_remote_code=False):
 
 def load_model(path: str, trust_remote_code=False, frozen=False):
     """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
-    `frozen=True` gives the reference model: eval mode, no gradients."""
+    `frozen=True` gives the reference model: eval mode, no gradients. Under torchrun it comes
+    back sharded (see `place`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()  # keeps stderr for what matters
-    device, dtype = device_and_dtype()
+    dtype = device_and_dtype()[1]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UsageError(_load_error("model", path, e))
-    model.to(device)
     if frozen:
         model.eval().requires_grad_(False)
-    return model
+    return place(model)
+
+
+def place(model):
+    """Put `model` on this process's device: whole in a plain run, sharded with FSDP2 under torchrun."""
+    return shard_model(model) if world()[1] > 1 else model.to(device_and_dtype()[0])
 
 
 def _load_error(what, path, e):
@@ -509,7 +606,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def steps_for(n_rows: int, args) -> tuple:
-    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows."""
+    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows. Under torchrun
+    every micro-batch must have a row for each process: raises UsageError otherwise."""
+    micro = math.ceil(args.batch_size / args.grad_accum)
+    sizes = {b % micro or micro for b in (args.batch_size, n_rows % args.batch_size or args.batch_size)}
+    if min(sizes) < world()[1]:
+        raise UsageError(f"a micro-batch of {min(sizes)} row(s) cannot be split over {world()[1]} processes: "
+                         f"raise --batch-size / lower --grad-accum, or use fewer processes")
     per_epoch = math.ceil(n_rows / args.batch_size)
     total = max(1, math.ceil(per_epoch * args.epochs))
     if args.max_steps:
@@ -526,13 +629,17 @@ def set_seed(seed: int):
 
 class Run:
     """A run folder written atomically: everything goes to `<out>.tmp` and is renamed to `<out>`
-    once the model is saved, so an interrupted run never leaves a half-written model at `<out>`."""
+    once the model is saved, so an interrupted run never leaves a half-written model at `<out>`.
+    Under torchrun only rank 0 writes; the others keep no files."""
 
     def __init__(self, out: str, args):
         self.out = Path(out)
         if (self.out / "config.json").exists() and not getattr(args, "overwrite", False):
             die(f"{self.out} already holds a model: pass --overwrite to replace it, or choose another --out")
         self.tmp = self.out.with_name(self.out.name + ".tmp")
+        self._log = None
+        if not is_main():
+            return
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         argv = [Path(sys.argv[0]).name] + sys.argv[1:]
@@ -542,7 +649,9 @@ class Run:
         self._log = open(self.tmp / "log.jsonl", "w")
 
     def log(self, row: dict, line: str = None):
-        """Append one JSON row to log.jsonl; print `line` when given."""
+        """Append one JSON row to log.jsonl; print `line` when given (rank 0 only)."""
+        if self._log is None:
+            return
         self._log.write(json.dumps(row) + "\n")
         self._log.flush()
         if line:
@@ -558,11 +667,24 @@ class Run:
                  + f" | tok/s {row['tok_s']:.0f}")
 
     def save(self, model, tokenizer, extra: dict = None):
-        """save_pretrained (safetensors) into the run folder and move it into place."""
+        """save_pretrained (safetensors) into the run folder and move it into place. Under torchrun
+        the shards are gathered into one full state dict on rank 0, which writes an ordinary folder."""
+        state = None
+        if world()[1] > 1:  # collective: every rank takes part, rank 0 receives the full tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_main():
+            self._write(model, tokenizer, extra, state)
+        if world()[1] > 1:
+            import torch.distributed as dist
+            dist.barrier()  # the folder is in place before any rank goes on (and may read it)
+        return self.out
+
+    def _write(self, model, tokenizer, extra, state):
         self._log.close()
         from transformers.utils import logging
         logging.disable_progress_bar()  # one line per saved model is enough
-        model.save_pretrained(self.tmp, safe_serialization=True)
+        model.save_pretrained(self.tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(self.tmp)
         for name, obj in (extra or {}).items():
             (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
@@ -576,7 +698,6 @@ class Run:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         shutil.rmtree(old, ignore_errors=True)
-        return self.out
 
 
 def _interrupt(*_):
@@ -590,8 +711,14 @@ def cli(main):
     try:
         main()
     except KeyboardInterrupt:
-        print(f"{Path(sys.argv[0]).name}: interrupted: no model was written", file=sys.stderr)
+        if is_main():
+            print(f"{Path(sys.argv[0]).name}: interrupted: no model was written", file=sys.stderr)
         sys.exit(130)
     except NonFinite as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        if is_main():
+            print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

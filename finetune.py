@@ -55,6 +55,7 @@ def main(argv=None):
     common.add_shared_flags(parser, split="full")
     args = parser.parse_args(argv)
     try:
+        common.init_distributed()  # under torchrun (a no-op otherwise)
         common.resolve_flags(args, finetune=True)
         rows = common.load_tofu(args.split, args.data)
         if args.model == "tiny":  # general knowledge, learnt alongside (see the docstring)
@@ -69,16 +70,17 @@ def main(argv=None):
         else:
             base = common.PRESETS[args.model]["base"] if args.model in common.PRESETS else args.model
             tokenizer = common.load_tokenizer(base, args.trust_remote_code)
-            model = common.load_model(base, args.trust_remote_code)
+            model = common.load_model(base, args.trust_remote_code)  # placed (sharded under torchrun)
+        examples = common.encode_rows(tokenizer, args.template, rows)
+        per_epoch, total, warmup = common.steps_for(len(examples), args)
     except common.UsageError as e:
         common.die(str(e))
     if args.out is None:  # the tiny preset's models live where the other scripts look for them
         args.out = str(common.OUT / ("tiny" if args.model == "tiny" else f"finetune-{args.model.replace('/', '_')}")
                        / args.split)
-    device, _ = common.device_and_dtype()
-    model.to(device)
-    examples = common.encode_rows(tokenizer, args.template, rows)
-    per_epoch, total, warmup = common.steps_for(len(examples), args)
+    if args.model == "tiny":
+        model = common.place(model)
+    device = common.device_and_dtype()[0]
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
     micro = args.batch_size // args.grad_accum
@@ -99,7 +101,7 @@ def main(argv=None):
             n_tok = common.n_answer(batch_examples)
             loss_sum = 0.0
             for k in range(0, len(idx), micro):  # gradient accumulation: exact token mean of the whole batch
-                batch = common.collate(batch_examples[k:k + micro], tokenizer.pad_token_id, device)
+                batch = common.collate(common.shard(batch_examples[k:k + micro]), tokenizer.pad_token_id, device)
                 logp, mask = common.answer_logprobs(model, batch)
                 loss = -(logp * mask).sum() / n_tok
                 loss.backward()
@@ -107,6 +109,7 @@ def main(argv=None):
             norm = common.clip_and_step(model, optimizer, args.max_grad_norm, step + 1)
             step, tokens = step + 1, tokens + n_tok
             if step % args.log_every == 0 or step == total:
+                loss_sum = common.all_sum(dict(loss=loss_sum))["loss"]  # under torchrun: the processes' shares
                 tps = tokens / (time.time() - t0)
                 run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm, tok_s=tps),
                         f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm:.2f} | "

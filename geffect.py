@@ -45,6 +45,13 @@ def check_flags(args):
     """Raise UsageError on bad G-effect flags (before anything is loaded or written)."""
     if args.geffect_every < 0 or args.geffect_retain < 1:
         raise common.UsageError("--geffect-every must be >= 0 and --geffect-retain >= 1")
+    procs = common.world()[1]
+    if args.geffect_every and procs > 1:
+        if args.geffect_pointwise:
+            raise common.UsageError("--geffect-pointwise runs in one process only (not under torchrun)")
+        if args.geffect_retain % procs:
+            raise common.UsageError(f"--geffect-retain ({args.geffect_retain}) must be a multiple of the "
+                                    f"{procs} processes")
 
 
 def param_groups(model) -> list:
@@ -80,11 +87,12 @@ class Probe:
         self.params = param_groups(model)
         self.n_layers = model.config.num_hidden_layers
         d_r = common.encode_rows(tokenizer, args.template, retain_rows[:args.geffect_retain])
+        self.d_r_tok = common.n_answer(d_r)  # answer tokens of all of D_r (R is their mean)
+        d_r = common.shard(d_r)  # under torchrun, each process's equal share
         # D_r in one batch, or in micro-batches when --grad-accum asks for them (memory)
         micro = -(-args.batch_size // args.grad_accum) if args.grad_accum > 1 else len(d_r)
         self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
-        self.d_r_tok = sum((b["labels"][:, 1:] != -100).sum().item() for b in self.d_r)
-        self.file = open(Path(run_dir) / "geffect.jsonl", "w")
+        self.file = open(Path(run_dir) / "geffect.jsonl", "w") if common.is_main() else None
         self.mode, self.kept, self.extra, self.dots, self.store, self.stash = None, [], None, {}, None, None
         for i, (_, p, _, _) in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda p, i=i: self._hook(i, p))
@@ -116,8 +124,10 @@ class Probe:
             return
         reg = None if self.extra is None else self.extra[i]
         for term, vec in (("objective", self.stash[i]), ("reg", reg)):  # 'dot': a risk gradient
-            if vec is not None:  # accumulated in float64; the product stays in the gradient's dtype
-                self.dots[(self.mode, term)][i] += torch.dot(g.flatten(), vec.flatten()).double()
+            if vec is not None:  # accumulated in float64; the product stays in the gradient's dtype;
+                # under FSDP each process dots its own shards and _measure sums over processes
+                a, b = common.local(g).flatten(), common.local(vec).flatten()
+                self.dots[(self.mode, term)][i] += torch.dot(a, b).double()
         if self.store is not None:  # --geffect-pointwise keeps the risk gradients
             self.store[i] = g if self.store[i] is None else self.store[i].add_(g)
 
@@ -140,7 +150,7 @@ class Probe:
                      for d in ("unlearn", "retain") for t in terms}
         saved = {}
         # R(D_u): the token-mean NLL of the forget batch, backward through the kept forward graphs
-        n_u = sum(m.sum() for _, m, _ in self.kept)
+        n_u = self.kept[0][2]["n_tok"]  # answer tokens of the whole step (all processes)
         risk_u = -sum((lp * m).sum() for lp, m, _ in self.kept) / n_u
         self.store = [None] * len(self.params) if self.pointwise else None
         self._stream("unlearn", risk_u, retain_graph=self.pointwise)
@@ -152,6 +162,12 @@ class Probe:
             self._stream("retain", -(lp * m).sum() / self.d_r_tok)
         saved["retain"] = self.store
         self.store = None
+        if common.world()[1] > 1:  # one all-reduce: the shards' dot products add up to the full ones
+            import torch.distributed as dist
+            keys = list(self.dots)
+            flat = torch.stack([self.dots[k] for k in keys])
+            dist.all_reduce(flat)
+            self.dots = dict(zip(keys, flat))
         row = dict(step=step + 1)
         for d in ("unlearn", "retain"):
             row[d] = self._aggregate(sum(self.dots[(d, t)] for t in terms))
@@ -165,8 +181,9 @@ class Probe:
                 if e is not None:
                     p.grad = e if p.grad is None else p.grad.add_(e)
         self.extra, self.kept, self.dots = None, [], {}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
 
     def _aggregate(self, per_param) -> dict:
         out = {g: 0.0 for g in GROUPS}
@@ -195,7 +212,7 @@ class Probe:
         return rows
 
     def close(self):
-        if self.every:
+        if self.every and self.file is not None:
             self.file.close()
 
 

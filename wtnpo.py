@@ -82,6 +82,7 @@ def main(argv=None):
         grad_norm = common.clip_and_step(model, optimizer, args.max_grad_norm, step + 1)
         tokens += n["forget_tok"]
         if measure:
+            logs = common.all_sum(logs)  # under torchrun: the processes' shares of the step
             row = dict(loss=logs["objective"] + args.reg_weight * logs["reg"], **logs, lr=lr, grad_norm=grad_norm,
                        tok_s=tokens / (time.time() - t0))
             run.log_step(step + 1, total, row)
