@@ -444,7 +444,9 @@ def shard_model(model):
                   if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers)
     for layer in layers:
         fully_shard(layer)
-    fully_shard(model)
+    # the root reshards after forward too: a forward outside training (an evaluation, a logged NLL)
+    # must not leave unsharded parameters behind, which the next step's update would make stale
+    fully_shard(model, reshard_after_forward=True)
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor"):  # a plain SUM (gloo has no pre-multiplied sum)
             m.set_gradient_divide_factor(1.0)

@@ -24,7 +24,6 @@ TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer a
                retain-only model is out/tiny/retainXX, fine-tuned on first use.
 Everything, per-row values included, goes to eval.json in the model folder (or --out).
 """
-import argparse
 import json
 import math
 import os
@@ -289,7 +288,7 @@ def write_json(path, obj):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.make_parser(__doc__)
     a = parser.add_argument
     a("--model", default="tiny", help=f"preset ({', '.join(common.PRESETS)}), hub id or local model folder")
     a("--data", default=None, help="'builtin', a hub id such as locuslab/TOFU, or a folder of <config>.json "
@@ -308,6 +307,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
+        common.single_process("eval_tofu.py")
         if args.split not in common.SPLITS:
             raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)})")
         if args.max_samples is not None and args.max_samples < 1:

@@ -209,9 +209,10 @@ def main(argv=None):
     a("--overwrite", action="store_true", help="replace a model already in --out")
     a("--table", action="store_true", help="reproduce Table 1 on the built-in set (tiny preset)")
     args = parser.parse_args(argv)
-    if args.table:
-        return table(args)
     try:
+        common.single_process("uwc.py")
+        if args.table:
+            return table(args)
         if not args.model or not os.path.isdir(args.model):
             raise common.UsageError(f"--model must be an unlearned run folder, got {args.model!r}")
         if args.split not in common.SPLITS:

@@ -1,0 +1,120 @@
+"""Several processes: every method script and finetune.py under torchrun (FSDP2 over gloo, 2 CPU
+processes, tiny model) against the same runs in one process: the losses, the G-effect and the
+saved weights agree, the saved folders load, and only rank 0 prints and writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+import dist_worker  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+RTOL = 1e-4
+SCRIPTS = list(dist_worker.RUNS) + ["finetune"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_path, tmp_path_factory):
+    """Run the worker twice, in one process and in two; return their output folders and stdout."""
+    root = tmp_path_factory.mktemp("dist")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    out = {}
+    for name, launcher in (("single", []), ("dist", ["-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc_per_node", "2"])):
+        r = subprocess.run([sys.executable, *launcher, "tests/dist_worker.py", str(root / name)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        out[name] = (root / name, r.stdout)
+    return out
+
+
+def numbers(x, key=""):
+    """Every number in a JSON row, by its path."""
+    if isinstance(x, dict):
+        return {k2: v2 for k, v in x.items() for k2, v2 in numbers(v, f"{key}.{k}").items()}
+    if isinstance(x, list):
+        return {k2: v2 for i, v in enumerate(x) for k2, v2 in numbers(v, f"{key}[{i}]").items()}
+    return {key: float(x)} if isinstance(x, (int, float)) and not isinstance(x, bool) else {}
+
+
+def rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def assert_close(a: dict, b: dict, floor: float, what: str):
+    """|a - b| <= RTOL * max(|a|, |b|, floor * m) for every number of a row, m its largest |number|.
+    Logs: floor 1e-3, each number to 1e-4 of itself unless it is float noise next to the rest (the
+    KL term near theta_o: exactly 0 in exact arithmetic, ~1e-9 in float32). G-effect rows: floor 1,
+    to 1e-4 of the step's largest |e|: a dot product of two gradients carries float error at the
+    scale of their norms, so a near-orthogonal component (e_r ~ 1e-6) has no 1e-4 of itself."""
+    assert a.keys() == b.keys(), what
+    m = max(abs(v) for k, v in a.items() if k != ".step")
+    for k in a:
+        assert abs(a[k] - b[k]) <= RTOL * max(abs(a[k]), abs(b[k]), floor * m), f"{what}{k}: {a[k]} vs {b[k]}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_two_processes_equal_one(runs, script):
+    one, two = runs["single"][0] / script, runs["dist"][0] / script
+    log1, log2 = rows(one / "log.jsonl"), rows(two / "log.jsonl")
+    assert [r["step"] for r in log1] == [r["step"] for r in log2] == [1, 2, 3]
+    for r1, r2 in zip(log1, log2):  # every logged number but the speed: losses, stats, grad norm, lr
+        r1.pop("tok_s"), r2.pop("tok_s")
+        assert_close(numbers(r1), numbers(r2), 1e-3, f"{script} log step {r1['step']}")
+    if script != "finetune":  # the G-effect of every step: groups, layers, terms
+        g1, g2 = rows(one / "geffect.jsonl"), rows(two / "geffect.jsonl")
+        assert len(g1) == len(g2) == 3
+        for r1, r2 in zip(g1, g2):
+            assert_close(numbers(r1), numbers(r2), 1.0, f"{script} geffect step {r1['step']}")
+    from safetensors.torch import load_file
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() <= RTOL * w1[k].abs().max(), f"{script} {k}"
+
+
+def test_rank0_writes_a_loadable_folder(runs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root, stdout = runs["dist"]
+    for script in SCRIPTS:
+        assert stdout.count(f"saved {root / script} ") == 1, script  # rank 0 prints, rank 1 does not
+        assert not (root / f"{script}.tmp").exists()
+    model = AutoModelForCausalLM.from_pretrained(root / "npo", use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(root / "npo")
+    ids = tok("Question: who?\nAnswer:", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    args = json.load(open(root / "npo" / "args.json"))
+    assert args["reg"] == "gd" and args["grad_accum"] == 2
+    assert "ES-exact forget" in stdout  # the run with its evaluation printed it (once, from rank 0)
+    assert stdout.count("ES-exact forget") == 1
+
+
+def test_torchrun_checks(monkeypatch):
+    """Under torchrun every micro-batch needs a row for each process; the per-sample PG-effect and
+    the single-process scripts say so."""
+    import argparse
+    import common
+    import geffect
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    args = argparse.Namespace(batch_size=8, grad_accum=2, epochs=1, max_steps=0, warmup_epochs=1)
+    assert common.steps_for(48, args)[1] == 6  # micro-batches of 4 rows: one each
+    with pytest.raises(common.UsageError, match="cannot be split over 4 processes"):
+        common.steps_for(50, args)  # the last batch has 2 rows
+    with pytest.raises(common.UsageError, match="cannot be split"):
+        common.steps_for(48, argparse.Namespace(**{**vars(args), "grad_accum": 4}))
+    g = argparse.Namespace(geffect_every=1, geffect_retain=32, geffect_pointwise=True)
+    with pytest.raises(common.UsageError, match="one process"):
+        geffect.check_flags(g)
+    with pytest.raises(common.UsageError, match="multiple of the 4"):
+        geffect.check_flags(argparse.Namespace(geffect_every=1, geffect_retain=30, geffect_pointwise=False))
+    with pytest.raises(common.UsageError, match="not torchrun"):
+        common.single_process("eval_tofu.py")
