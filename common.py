@@ -92,7 +92,8 @@ def add_shared_flags(parser, split="forget05"):
     a("--template", default=None, help="prompt template with {q} and {a} (default: the preset's)")
     a("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     a("--epochs", type=float, default=None, help="passes over the forget rows (default: the preset's, 5 in the paper)")
-    a("--batch-size", type=int, default=None, help="effective batch, rows per optimizer step (default: 16)")
+    a("--batch-size", type=int, default=None, help="effective batch, rows per optimizer step (default: 16, or "
+                                                   "all rows of a smaller forget set)")
     a("--grad-accum", type=int, default=1, help="micro-batches per step (must divide --batch-size)")
     a("--warmup-epochs", type=float, default=1, help="linear warm-up length in epochs, then linear decay to 0")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
@@ -115,21 +116,42 @@ def add_unlearn_flags(parser):
     a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
 
 
+def check_batch(args):
+    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
+        raise UsageError(f"--grad-accum ({args.grad_accum}) must divide --batch-size ({args.batch_size})")
+
+
+def fit_batch(args, n_rows: int):
+    """A method's batch: the paper's 16 rows by default, or all of a smaller forget set (the built-in
+    forget01 has 10 rows); an explicit --batch-size larger than the forget set is an error."""
+    if args.batch_size is None:
+        args.batch_size = min(16, n_rows)
+    elif args.batch_size > n_rows:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_rows} forget rows")
+    check_batch(args)
+
+
 def resolve_flags(args, finetune=False):
     """Fill the flags left unset from the preset and check them all; raise UsageError."""
+    if args.model not in PRESETS and missing_folder(args.model):
+        if args.model.startswith((".", "/", "~")) or "/" in args.model:
+            raise UsageError(f"model folder '{args.model}' does not exist")
+        raise UsageError(f"unknown model '{args.model}': not a preset ({', '.join(PRESETS)}), a local folder "
+                         f"or a hub id owner/name")
     p = PRESETS.get(args.model, OTHER)
     pre = "finetune_" if finetune else ""
     args.lr = p[pre + "lr"] if args.lr is None else args.lr
     args.epochs = p[pre + "epochs"] if args.epochs is None else args.epochs
-    args.batch_size = (p["finetune_batch"] if finetune else 16) if args.batch_size is None else args.batch_size
+    if finetune and args.batch_size is None:
+        args.batch_size = p["finetune_batch"]  # a method's default depends on the forget set: see fit_batch
     args.template = args.template or p["template"]
     args.data = args.data or p["data"]
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if not args.epochs > 0:
         raise UsageError(f"--epochs must be positive, got {args.epochs}")
-    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
-        raise UsageError(f"--grad-accum ({args.grad_accum}) must divide --batch-size ({args.batch_size})")
+    if args.batch_size is not None:
+        check_batch(args)
     if args.warmup_epochs < 0 or args.max_grad_norm < 0 or args.max_steps < 0 or args.log_every < 1:
         raise UsageError("--warmup-epochs, --max-grad-norm and --max-steps must be >= 0, --log-every >= 1")
     if getattr(args, "reg_weight", 0) < 0:
@@ -203,7 +225,10 @@ def _read_hub(hub_id, config):
         import datasets
         datasets.logging.set_verbosity_error()
         _quiet_hub()
+        hub_check(hub_id, "dataset")
         return [dict(r) for r in datasets.load_dataset(hub_id, config, split="train")], f"hub dataset {hub_id}"
+    except UsageError:
+        raise
     except Exception as e:  # no network, unknown id or config: say what was tried and what works offline
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UsageError(f"cannot load config '{config}' of hub dataset '{hub_id}' ({msg}); "
@@ -434,12 +459,16 @@ def shard(rows: list) -> list:
 
 def shard_model(model):
     """FSDP2 under torchrun: each decoder layer one unit, the rest (embeddings, final norm, output
-    layer) the root unit; the parameters become DTensor shards on this process's device. The
+    layer) the root unit; the parameters become DTensor shards on this process's device, filled with
+    rank 0's weights (the other processes may hold an empty skeleton on the meta device). The
     gradient is the sum over processes (each holds its share of a step's rows and divides by the
     step's total count). Returns `model` unchanged in a plain run."""
     if world()[1] == 1:
         return model
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
+    full = model.state_dict() if is_main() else {}  # rank 0's weights, broadcast into every shard below
     layers = next(m for m in model.modules()
                   if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers)
     for layer in layers:
@@ -451,6 +480,11 @@ def shard_model(model):
         if hasattr(m, "set_gradient_divide_factor"):  # a plain SUM (gloo has no pre-multiplied sum)
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
+    if any(p.device.type == "meta" for p in model.parameters()):
+        model.to_empty(device=device_and_dtype()[0])  # storage for this process's shards
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for b in model.buffers():  # the buffers outside the state dict (e.g. rotary frequencies)
+        dist.broadcast(b, src=0)
     return model
 
 
@@ -499,6 +533,8 @@ def load_for_unlearning(args, reference: bool):
     starts the process group and the models come back sharded (FSDP2)."""
     init_distributed()
     data = split_data(args.split, args.data)
+    fit_batch(args, len(data["forget"]))
+    steps_for(len(data["forget"]), args)  # checks that torchrun's processes each get rows
     path = model_path(args.model)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
     model = load_model(path, args.trust_remote_code)
@@ -540,6 +576,29 @@ def missing_folder(name: str) -> bool:
     return not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1)
 
 
+def hub_check(name: str, kind: str = "model"):
+    """Fail fast, in one line, when `name` is neither cached nor reachable on the hub: offline, the
+    hub client would otherwise retry for most of a minute before saying so. A cached copy (or
+    HF_HUB_OFFLINE=1) skips the check, so that it still loads offline."""
+    from huggingface_hub import constants, dataset_info, model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+    cached = os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}"))
+    if cached or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        (model_info if kind == "model" else dataset_info)(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise UsageError(f"'{name}' is not a {kind} on the Hugging Face hub (or not one this login can see); "
+                         f"use --model tiny or a local folder" if kind == "model" else
+                         f"use --data builtin or a local folder of <config>.json files")
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        fix = "--model tiny or a local model folder" if kind == "model" else \
+            "--data builtin or a local folder of <config>.json files"
+        raise UsageError(f"cannot reach the Hugging Face hub for {kind} '{name}' ({first}) and it is not in the "
+                         f"local cache; use {fix}")
+
+
 def _quiet_hub():
     """The hub client's own warnings (e.g. each failed request offline) stay off stderr: a
     failure is reported once, in our one line."""
@@ -550,6 +609,8 @@ def _quiet_hub():
 def load_tokenizer(path: str, trust_remote_code=False):
     from transformers import AutoTokenizer
     _quiet_hub()
+    if not os.path.isdir(path):
+        hub_check(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -561,17 +622,25 @@ def load_tokenizer(path: str, trust_remote_code=False):
 
 def load_model(path: str, trust_remote_code=False, frozen=False):
     """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
-    `frozen=True` gives the reference model: eval mode, no gradients. Under torchrun it comes
-    back sharded (see `place`)."""
-    from transformers import AutoModelForCausalLM
+    `frozen=True` gives the reference model: eval mode, no gradients. Under torchrun only rank 0
+    reads the weights; the others build an empty skeleton, and `place` shards the model and
+    broadcasts rank 0's weights into the shards (host memory for one copy, not one per process)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()  # keeps stderr for what matters
-    dtype = device_and_dtype()[1]
+    dtype, error = device_and_dtype()[1], None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        if is_main():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UsageError(_load_error("model", path, e))
+        error = _load_error("model", path, e)
+    if all_sum(dict(failed=error is not None))["failed"]:  # the processes stop together (rank 0 says why)
+        raise UsageError(error or f"the model '{path}' did not load on every process")
     if frozen:
         model.eval().requires_grad_(False)
     return place(model)

@@ -43,7 +43,6 @@ def main(argv=None):
     device = model.device
     forget = common.encode_rows(tokenizer, args.template, data["forget"])
     retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
-    args.batch_size = min(args.batch_size, len(forget))
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)

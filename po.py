@@ -57,7 +57,6 @@ def main(argv=None):
     for e, row in zip(forget, data["forget"]):  # each forget row carries its refusal as the "alt" answer
         e["alt"] = common.encode(tokenizer, args.template, row["question"], rng.choice(REFUSALS))
     retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
-    args.batch_size = min(args.batch_size, len(forget))
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)

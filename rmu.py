@@ -54,7 +54,6 @@ def main(argv=None):
     device = model.device
     forget = common.encode_rows(tokenizer, args.template, data["forget"])
     retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
-    args.batch_size = min(args.batch_size, len(forget))
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     gen = torch.Generator().manual_seed(args.seed)
     u = torch.rand(model.config.hidden_size, generator=gen).to(device)  # U[0, 1)^d, fixed for the run

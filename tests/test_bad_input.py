@@ -1,0 +1,70 @@
+"""Bad input, from the command line: one clear line on stderr, exit status 2, no traceback, and
+nothing written at --out (nor its .tmp twin). One case for each item of the list below."""
+import json
+import shutil
+
+import pytest
+
+from conftest import run_script
+
+ROW = {"question": "Who is X?", "answer": "X is a writer."}
+
+
+def data_folder(tmp, forget05):
+    """A data folder whose forget05.json has `forget05` as its text, beside a valid retain95."""
+    d = tmp / "data"
+    d.mkdir()
+    (d / "forget05.json").write_text(forget05)
+    (d / "retain95.json").write_text("\n".join(json.dumps(ROW) for _ in range(450)))
+    return ["--data", str(d)]
+
+
+def model_without_weights(tmp, tiny):
+    d = tmp / "noweights"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{tiny}/{f}", d / f)
+    return ["--model", str(d), "--data", "builtin"]
+
+
+def existing_model(tmp, tiny):
+    (tmp / "x").mkdir()
+    (tmp / "x" / "config.json").write_text("{}")
+    return []
+
+
+CASES = {  # name: (script, flags or a function making them, what the line must say)
+    "unknown split": ("ga.py", ["--split", "forget07"], "unknown split 'forget07'"),
+    "unknown preset": ("ga.py", ["--model", "llama3"], "unknown model 'llama3': not a preset"),
+    "unknown --reg": ("npo.py", ["--reg", "l2"], "invalid choice: 'l2'"),
+    "missing data folder": ("ga.py", ["--data", "./no/such/folder"], "data folder './no/such/folder' does not exist"),
+    "malformed JSON": ("ga.py", lambda t, _: data_folder(t, '{"question": "q", "answer": \n'), "not valid JSON"),
+    "missing field": ("ga.py", lambda t, _: data_folder(t, json.dumps({"question": "q"})),
+                      "row 0 of config 'forget05'"),
+    "empty forget set": ("ga.py", lambda t, _: data_folder(t, ""), "config 'forget05' in"),
+    "negative alpha": ("wga.py", ["--alpha", "-1"], "--alpha must be >= 0, got -1.0"),
+    "negative beta": ("npo.py", ["--beta", "-0.5"], "--beta must be positive, got -0.5"),
+    "negative lr": ("tnpo.py", ["--lr", "-0.001"], "--lr must be positive, got -0.001"),
+    "batch larger than the data": ("wtnpo.py", ["--batch-size", "51"], "--batch-size 51 is larger than the 50"),
+    "finetune batch larger than the data": ("finetune.py", ["--batch-size", "5000"], "larger than the 1090"),
+    "existing model at --out": ("po.py", existing_model, "already holds a model: pass --overwrite"),
+    "unreachable hub id": ("rmu.py", ["--model", "no-such-owner/no-such-model", "--data", "builtin", "--layer", "3"],
+                           "use --model tiny or a local model folder"),
+    "model folder without weights": ("ga.py", model_without_weights, "no file named model.safetensors"),
+    "model folder that does not exist": ("ga.py", ["--model", "./no/such/model"], "model folder './no/such/model'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(case, tmp_path, tiny_path):
+    script, flags, msg = CASES[case]
+    flags = flags(tmp_path, tiny_path) if callable(flags) else flags
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_script(script, "--out", str(tmp_path / "x"), *flags)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and msg in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new: no x, no x.tmp
+    if (tmp_path / "x").exists():  # the existing model is left as it was
+        assert [p.name for p in (tmp_path / "x").iterdir()] == ["config.json"]
