@@ -337,8 +337,8 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         n = dict(forget_tok=n_answer(f_ex), forget_rows=len(f_ex), retain_tok=n_answer(r_ex))
         if "alt" in f_ex[0]:
             n["alt_tok"] = n_answer([e["alt"] for e in f_ex])
-        batches = [(collate(shard(f_ex[k:k + micro]), pad_id, device), collate(shard(r_ex[k:k + micro]), pad_id, device))
-                   for k in range(0, len(f_ex), micro)]
+        batches = [(collate(shard(f_ex[k:k + micro]), pad_id, device),
+                    collate(shard(r_ex[k:k + micro]), pad_id, device)) for k in range(0, len(f_ex), micro)]
         for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (for the G-effect)
             forget_batch.update(step=step, last=k + 1 == len(batches), n_tok=n["forget_tok"])
         yield batches, n
@@ -585,16 +585,15 @@ def hub_check(name: str, kind: str = "model"):
     cached = os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}"))
     if cached or constants.HF_HUB_OFFLINE:
         return
+    fix = "--model tiny or a local model folder" if kind == "model" else \
+        "--data builtin or a local folder of <config>.json files"
     try:
         (model_info if kind == "model" else dataset_info)(name, timeout=10)
     except RepositoryNotFoundError:
         raise UsageError(f"'{name}' is not a {kind} on the Hugging Face hub (or not one this login can see); "
-                         f"use --model tiny or a local folder" if kind == "model" else
-                         f"use --data builtin or a local folder of <config>.json files")
+                         f"use {fix}")
     except Exception as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        fix = "--model tiny or a local model folder" if kind == "model" else \
-            "--data builtin or a local folder of <config>.json files"
         raise UsageError(f"cannot reach the Hugging Face hub for {kind} '{name}' ({first}) and it is not in the "
                          f"local cache; use {fix}")
 

@@ -20,6 +20,10 @@ forward graph (kept for one more backward at measured steps); the regularizer's 
 routed into the one extra gradient buffer while the objective's stays in .grad; the risk
 gradients are never stored: per-parameter hooks take their dot products as backward produces
 them. With --geffect-pointwise the two risk gradients are kept (two more gradient copies).
+
+Under torchrun (FSDP2) the hooks see this process's shards of each gradient: the dot products
+are taken shard by shard and summed over the processes with one all-reduce per measured step;
+D_r is dealt out like a batch. --geffect-pointwise runs in one process only.
 """
 import json
 import os
