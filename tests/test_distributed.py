@@ -118,3 +118,17 @@ def test_torchrun_checks(monkeypatch):
         geffect.check_flags(argparse.Namespace(geffect_every=1, geffect_retain=30, geffect_pointwise=False))
     with pytest.raises(common.UsageError, match="not torchrun"):
         common.single_process("eval_tofu.py")
+
+
+def test_nan_under_torchrun_stops_every_process(tiny_path, tmp_path):
+    """The gradient norm is global, so every process sees the same non-finite step and stops there:
+    one line from rank 0, no model, no process left waiting in a collective."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "ga.py", "--lr", "1e30", "--reg", "none", "--max-steps", "6", "--no-eval", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    assert r.stderr.count("ga.py: error: non-finite loss or gradient at step 2") == 1, r.stderr[-3000:]
+    assert "exitcode  : 1" in r.stderr  # torchrun's report: our exit status 1, not a crash or a timeout
+    assert not out.exists() and not (tmp_path / "run.tmp" / "model.safetensors").exists()
