@@ -62,10 +62,12 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr with exit status 2."""
 
 
-def die(msg: str):
-    """Print one clear line on stderr and exit with status 2 (under torchrun, rank 0 prints it)."""
-    if is_main():
-        print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+def die(msg: str, every_rank: bool = False):
+    """Print one clear line on stderr and exit with status 2. Under torchrun rank 0 prints it (every
+    process meets the same bad input), or with `every_rank` each process, marked with its rank."""
+    rank = world()[0]
+    if rank == 0 or every_rank:
+        print(f"{f'[rank {rank}] ' if rank else ''}{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -116,28 +118,34 @@ def add_unlearn_flags(parser):
     a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
 
 
-def check_batch(args):
-    if args.batch_size < 1 or args.grad_accum < 1 or args.batch_size % args.grad_accum:
-        raise UsageError(f"--grad-accum ({args.grad_accum}) must divide --batch-size ({args.batch_size})")
+def check_batch(args, what=None):
+    if args.batch_size < 1 or args.grad_accum < 1:
+        raise UsageError(f"--batch-size and --grad-accum must be >= 1, got {args.batch_size} and {args.grad_accum}")
+    if args.batch_size % args.grad_accum:
+        raise UsageError(f"--grad-accum ({args.grad_accum}) must divide {what or f'--batch-size ({args.batch_size})'}")
 
 
 def fit_batch(args, n_rows: int):
     """A method's batch: the paper's 16 rows by default, or all of a smaller forget set (the built-in
     forget01 has 10 rows); an explicit --batch-size larger than the forget set is an error."""
+    what = None
     if args.batch_size is None:
         args.batch_size = min(16, n_rows)
+        what = f"the default batch of {args.batch_size} rows" + (" (the whole forget set)" if n_rows < 16 else "")
     elif args.batch_size > n_rows:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {n_rows} forget rows")
-    check_batch(args)
+    check_batch(args, what)
 
 
 def resolve_flags(args, finetune=False):
     """Fill the flags left unset from the preset and check them all; raise UsageError."""
+    args.model = os.path.expanduser(args.model)
+    args.data = args.data and os.path.expanduser(args.data)
     if args.model not in PRESETS and missing_folder(args.model):
         if args.model.startswith((".", "/", "~")) or "/" in args.model:
             raise UsageError(f"model folder '{args.model}' does not exist")
         raise UsageError(f"unknown model '{args.model}': not a preset ({', '.join(PRESETS)}), a local folder "
-                         f"or a hub id owner/name")
+                         f"or a hub id owner/name (such as openai-community/gpt2)")
     p = PRESETS.get(args.model, OTHER)
     pre = "finetune_" if finetune else ""
     args.lr = p[pre + "lr"] if args.lr is None else args.lr
@@ -221,6 +229,10 @@ def _read_folder(folder, config):
 
 
 def _read_hub(hub_id, config):
+    return rank0_first(lambda: _fetch_hub(hub_id, config))  # under torchrun the others then read the cache
+
+
+def _fetch_hub(hub_id, config):
     try:
         import datasets
         datasets.logging.set_verbosity_error()
@@ -442,11 +454,21 @@ def init_distributed():
     """Under torchrun: start the process group (NCCL on CUDA, gloo on CPU), pin this process to
     its GPU and silence the other ranks' stdout. A no-op in a plain run or when already started."""
     import torch.distributed as dist
-    if world()[1] == 1 or dist.is_initialized():
+    from datetime import timedelta
+    size = world()[1]
+    if size == 1 or dist.is_initialized():
         return
+    if "MASTER_ADDR" not in os.environ:
+        die(f"WORLD_SIZE is {size} but this is no torchrun launch (MASTER_ADDR is unset): unset WORLD_SIZE "
+            f"or start the script with torchrun", every_rank=True)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            die(f"process {local} of this machine has no GPU of its own ({torch.cuda.device_count()} GPUs): "
+                f"use --nproc_per_node {torch.cuda.device_count()} or fewer", every_rank=True)
+        torch.cuda.set_device(local)
+    # rank 0 alone may spend long minutes on a download or on writing a 7B model while the others wait
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
 
@@ -469,8 +491,11 @@ def shard_model(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     full = model.state_dict() if is_main() else {}  # rank 0's weights, broadcast into every shard below
-    layers = next(m for m in model.modules()
-                  if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers)
+    layers = next((m for m in model.modules()
+                   if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers), None)
+    if layers is None:
+        raise UsageError(f"cannot find the {model.config.num_hidden_layers} decoder layers of this "
+                         f"{type(model).__name__} to shard them")
     for layer in layers:
         fully_shard(layer)
     # the root reshards after forward too: a forward outside training (an evaluation, a logged NLL)
@@ -510,6 +535,36 @@ def full(t):
 def local(t):
     """This process's shard of a DTensor; an ordinary tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rank0_first(load):
+    """`load()` on rank 0 first, then on the other processes, which then find what rank 0 fetched
+    from the hub in the local cache. A UsageError anywhere stops every process together: rank 0's
+    is printed by rank 0, another process's by that process, marked with its rank."""
+    rank, size = world()
+    if size == 1:
+        return load()
+    result = None
+    for first in (True, False):
+        error = None
+        if (rank == 0) == first:
+            try:
+                result = load()
+            except UsageError as e:
+                error = e
+        if all_sum(dict(failed=error is not None))["failed"]:
+            if error is not None and rank != 0:
+                print(f"[rank {rank}] {Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+            raise error or UsageError("another process failed: its line above says why")
+    return result
+
+
+def release():
+    """Give memory back now: a model dropped under FSDP2 sits in reference cycles until a collection."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def single_process(script: str):
@@ -608,12 +663,15 @@ def _quiet_hub():
 def load_tokenizer(path: str, trust_remote_code=False):
     from transformers import AutoTokenizer
     _quiet_hub()
-    if not os.path.isdir(path):
-        hub_check(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise UsageError(_load_error("tokenizer", path, e))
+
+    def read():
+        if not os.path.isdir(path):
+            hub_check(path)
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise UsageError(_load_error("tokenizer", path, e))
+    tok = rank0_first(read)  # under torchrun the others then read the cache
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked by the attention mask and labels, never by id
     return tok
@@ -627,19 +685,19 @@ def load_model(path: str, trust_remote_code=False, frozen=False):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()  # keeps stderr for what matters
-    dtype, error = device_and_dtype()[1], None
-    try:
-        if is_main():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
-        else:
+    dtype = device_and_dtype()[1]
+
+    def read():
+        try:
+            if is_main():
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                            trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        error = _load_error("model", path, e)
-    if all_sum(dict(failed=error is not None))["failed"]:  # the processes stop together (rank 0 says why)
-        raise UsageError(error or f"the model '{path}' did not load on every process")
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise UsageError(_load_error("model", path, e))
+    model = rank0_first(read)
     if frozen:
         model.eval().requires_grad_(False)
     return place(model)

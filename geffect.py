@@ -26,6 +26,7 @@ are taken shard by shard and summed over the processes with one all-reduce per m
 D_r is dealt out like a batch. --geffect-pointwise runs in one process only.
 """
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -47,8 +48,9 @@ def add_flags(parser):
 
 def check_flags(args):
     """Raise UsageError on bad G-effect flags (before anything is loaded or written)."""
-    if args.geffect_every < 0 or args.geffect_retain < 1:
-        raise common.UsageError("--geffect-every must be >= 0 and --geffect-retain >= 1")
+    if args.geffect_every < 0 or not 1 <= args.geffect_retain <= common.N_EVAL:
+        raise common.UsageError(f"--geffect-every must be >= 0 and --geffect-retain in 1..{common.N_EVAL} "
+                                f"(the held-out retain rows)")
     procs = common.world()[1]
     if args.geffect_every and procs > 1:
         if args.geffect_pointwise:
@@ -93,8 +95,10 @@ class Probe:
         d_r = common.encode_rows(tokenizer, args.template, retain_rows[:args.geffect_retain])
         self.d_r_tok = common.n_answer(d_r)  # answer tokens of all of D_r (R is their mean)
         d_r = common.shard(d_r)  # under torchrun, each process's equal share
-        # D_r in one batch, or in micro-batches when --grad-accum asks for them (memory)
-        micro = -(-args.batch_size // args.grad_accum) if args.grad_accum > 1 else len(d_r)
+        # D_r in one batch, or, when --grad-accum asks for them (memory), in micro-batches of the rows
+        # a training micro-batch has on this process (equal shares: every process does as many)
+        per_process = math.ceil(math.ceil(args.batch_size / args.grad_accum) / common.world()[1])
+        micro = per_process if args.grad_accum > 1 else len(d_r)
         self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
         self.file = open(Path(run_dir) / "geffect.jsonl", "w") if common.is_main() else None
         self.mode, self.kept, self.extra, self.dots, self.store, self.stash = None, [], None, {}, None, None
@@ -128,9 +132,11 @@ class Probe:
             return
         reg = None if self.extra is None else self.extra[i]
         for term, vec in (("objective", self.stash[i]), ("reg", reg)):  # 'dot': a risk gradient
-            if vec is not None:  # accumulated in float64; the product stays in the gradient's dtype;
+            if vec is not None:  # in float32 at least (a bf16 dot would round), summed in float64;
                 # under FSDP each process dots its own shards and _measure sums over processes
                 a, b = common.local(g).flatten(), common.local(vec).flatten()
+                if a.dtype in (torch.float16, torch.bfloat16):
+                    a, b = a.float(), b.float()
                 self.dots[(self.mode, term)][i] += torch.dot(a, b).double()
         if self.store is not None:  # --geffect-pointwise keeps the risk gradients
             self.store[i] = g if self.store[i] is None else self.store[i].add_(g)

@@ -52,7 +52,9 @@ def main(argv=None):
     retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
     per_epoch, total, warmup = common.steps_for(len(forget), args)
     common.add_reference_logprobs(ref_model, forget, tokenizer.pad_token_id, device)  # once: theta_o is frozen
-    ref_model = ref_model if args.reg in ("kl", "rr") else None  # only the regularizer needs it now
+    if args.reg not in ("kl", "rr"):  # theta_o is not needed from here on: free its memory
+        ref_model = None
+        common.release()
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
     probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every

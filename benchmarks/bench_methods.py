@@ -30,7 +30,8 @@ METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
 def bare_loop(method, steps, split):
     """forward, token-mean NLL, backward, AdamW on the batches the method script would use."""
     args = argparse.Namespace(model="tiny", data="builtin", split=split, template=common.QA_TEMPLATE, seed=0,
-                              batch_size=16, grad_accum=1, trust_remote_code=False, reg="none", rr_layer=None)
+                              batch_size=None, grad_accum=1, trust_remote_code=False, reg="none", rr_layer=None,
+                              epochs=5, max_steps=0, warmup_epochs=1)
     data, tok, model, _ = common.load_for_unlearning(args, reference=False)
     forget = common.encode_rows(tok, args.template, data["forget"])
     if method == "po":  # PO trains on refusals: the same lengths as its own batches

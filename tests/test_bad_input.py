@@ -52,6 +52,11 @@ CASES = {  # name: (script, flags or a function making them, what the line must 
                            "use --model tiny or a local model folder"),
     "model folder without weights": ("ga.py", model_without_weights, "no file named model.safetensors"),
     "model folder that does not exist": ("ga.py", ["--model", "./no/such/model"], "model folder './no/such/model'"),
+    "zero batch": ("ga.py", ["--batch-size", "0"], "--batch-size and --grad-accum must be >= 1, got 0 and 1"),
+    "default batch and --grad-accum": ("wga.py", ["--split", "forget01", "--grad-accum", "4"],
+                                       "must divide the default batch of 10 rows (the whole forget set)"),
+    "D_r beyond the held-out rows": ("npo.py", ["--geffect-every", "1", "--geffect-retain", "401"],
+                                     "--geffect-retain in 1..400"),
 }
 
 
@@ -68,3 +73,18 @@ def test_bad_input(case, tmp_path, tiny_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing new: no x, no x.tmp
     if (tmp_path / "x").exists():  # the existing model is left as it was
         assert [p.name for p in (tmp_path / "x").iterdir()] == ["config.json"]
+
+
+def test_world_size_without_torchrun(tmp_path):
+    """A stray WORLD_SIZE in the environment of a plain run: one line, not a hung process group."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "ga.py", "--out", str(tmp_path / "x")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(env, WORLD_SIZE="2", RANK="0"))
+    assert r.returncode == 2 and r.stderr.strip() == ("ga.py: error: WORLD_SIZE is 2 but this is no torchrun launch "
+                                                      "(MASTER_ADDR is unset): unset WORLD_SIZE or start the script "
+                                                      "with torchrun"), r.stderr
+    assert not os.listdir(tmp_path)

@@ -132,3 +132,40 @@ def test_nan_under_torchrun_stops_every_process(tiny_path, tmp_path):
     assert r.stderr.count("ga.py: error: non-finite loss or gradient at step 2") == 1, r.stderr[-3000:]
     assert "exitcode  : 1" in r.stderr  # torchrun's report: our exit status 1, not a crash or a timeout
     assert not out.exists() and not (tmp_path / "run.tmp" / "model.safetensors").exists()
+
+
+
+@pytest.mark.parametrize("rank,fails,want", [
+    (0, set(), "ok"),                                 # all well: rank 0 loads in the first turn
+    (1, {1}, "[rank 1] "),                            # only rank 1 fails: it says why, marked
+    (0, {1}, "another process failed"),               # ... and rank 0 stops with it
+    (1, {0}, "another process failed"),               # rank 0 failed first: rank 1 never loads
+])
+def test_rank0_first(monkeypatch, capsys, rank, fails, want):
+    """`common.rank0_first` as one process of two sees it; the all-reduce is simulated: it adds the
+    other process's failure to this one's, turn by turn (rank 0's turn first, then the others')."""
+    import common
+    loaded, turns = [], iter([0, 1])
+
+    def load():
+        loaded.append(rank)
+        if rank in fails:
+            raise common.UsageError("cannot reach the hub")
+        return "ok"
+
+    def all_sum(values):
+        turn = next(turns)  # whose turn it was: rank 0, or the others (rank 1)
+        return {"failed": values["failed"] + (turn != rank and turn in fails)}
+    monkeypatch.setattr(common, "world", lambda: (rank, 2))
+    monkeypatch.setattr(common, "all_sum", all_sum)
+    if want == "ok":
+        assert common.rank0_first(load) == "ok" and loaded == [0]
+        return
+    with pytest.raises(common.UsageError) as e:
+        common.rank0_first(load)
+    err = capsys.readouterr().err
+    if want == "[rank 1] ":
+        assert err == "[rank 1] " + os.path.basename(sys.argv[0]) + ": error: cannot reach the hub\n"
+    else:
+        assert want in str(e.value) and err == ""
+    assert loaded == ([] if 0 in fails and rank == 1 else [rank])
