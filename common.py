@@ -62,12 +62,17 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr with exit status 2."""
 
 
-def die(msg: str, every_rank: bool = False):
-    """Print one clear line on stderr and exit with status 2. Under torchrun rank 0 prints it (every
-    process meets the same bad input), or with `every_rank` each process, marked with its rank."""
+def say_error(msg: str, every_rank: bool = False):
+    """The one line `script.py: error: msg` on stderr. Under torchrun rank 0 says it (every process
+    meets the same bad input), or with `every_rank` each process, marked with its rank."""
     rank = world()[0]
     if rank == 0 or every_rank:
         print(f"{f'[rank {rank}] ' if rank else ''}{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+
+
+def die(msg: str, every_rank: bool = False):
+    """Say the error in one line (see say_error) and exit with status 2."""
+    say_error(msg, every_rank)
     sys.exit(2)
 
 
@@ -194,7 +199,7 @@ def load_tofu(config: str, data: str = "builtin") -> list:
     elif missing_folder(data):
         raise UsageError(f"data folder '{data}' does not exist")
     else:
-        rows, where = _read_hub(data, config)
+        rows, where = rank0_first(lambda: _read_hub(data, config))  # under torchrun the others then read the cache
     if not rows:
         raise UsageError(f"config '{config}' in {where} has no rows")
     for i, r in enumerate(rows):
@@ -229,10 +234,6 @@ def _read_folder(folder, config):
 
 
 def _read_hub(hub_id, config):
-    return rank0_first(lambda: _fetch_hub(hub_id, config))  # under torchrun the others then read the cache
-
-
-def _fetch_hub(hub_id, config):
     try:
         import datasets
         datasets.logging.set_verbosity_error()
@@ -518,13 +519,9 @@ def all_sum(values: dict) -> dict:
     if world()[1] == 1:
         return dict(values)
     import torch.distributed as dist
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_comm_device())
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device_and_dtype()[0])
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))
-
-
-def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def full(t):
@@ -554,7 +551,7 @@ def rank0_first(load):
                 error = e
         if all_sum(dict(failed=error is not None))["failed"]:
             if error is not None and rank != 0:
-                print(f"[rank {rank}] {Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+                say_error(str(error), every_rank=True)
             raise error or UsageError("another process failed: its line above says why")
     return result
 
@@ -589,7 +586,7 @@ def load_for_unlearning(args, reference: bool):
     init_distributed()
     data = split_data(args.split, args.data)
     fit_batch(args, len(data["forget"]))
-    steps_for(len(data["forget"]), args)  # checks that torchrun's processes each get rows
+    check_micro_batches(len(data["forget"]), args)
     path = model_path(args.model)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
     model = load_model(path, args.trust_remote_code)
@@ -733,14 +730,20 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def steps_for(n_rows: int, args) -> tuple:
-    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows. Under torchrun
-    every micro-batch must have a row for each process: raises UsageError otherwise."""
+def check_micro_batches(n_rows: int, args):
+    """Under torchrun every micro-batch of an epoch over `n_rows` rows (the last, short batch
+    included) must have a row for each process: raises UsageError otherwise."""
     micro = math.ceil(args.batch_size / args.grad_accum)
     sizes = {b % micro or micro for b in (args.batch_size, n_rows % args.batch_size or args.batch_size)}
     if min(sizes) < world()[1]:
         raise UsageError(f"a micro-batch of {min(sizes)} row(s) cannot be split over {world()[1]} processes: "
                          f"raise --batch-size / lower --grad-accum, or use fewer processes")
+
+
+def steps_for(n_rows: int, args) -> tuple:
+    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows; checks the
+    micro-batches (check_micro_batches)."""
+    check_micro_batches(n_rows, args)
     per_epoch = math.ceil(n_rows / args.batch_size)
     total = max(1, math.ceil(per_epoch * args.epochs))
     if args.max_steps:
@@ -843,8 +846,7 @@ def cli(main):
             print(f"{Path(sys.argv[0]).name}: interrupted: no model was written", file=sys.stderr)
         sys.exit(130)
     except NonFinite as e:
-        if is_main():
-            print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        say_error(str(e))
         sys.exit(1)
     finally:
         import torch.distributed as dist

@@ -23,7 +23,7 @@ them. With --geffect-pointwise the two risk gradients are kept (two more gradien
 
 Under torchrun (FSDP2) the hooks see this process's shards of each gradient: the dot products
 are taken shard by shard and summed over the processes with one all-reduce per measured step;
-D_r is dealt out like a batch. --geffect-pointwise runs in one process only.
+D_r is dealt out in equal shares. --geffect-pointwise runs in one process only.
 """
 import json
 import math

@@ -18,19 +18,23 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is not available")
 RTOL = 1e-4
 SCRIPTS = list(dist_worker.RUNS) + ["finetune"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def plain_env():
+    """This environment without a launcher's rank variables, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return dict(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_path, tmp_path_factory):
     """Run the worker twice, in one process and in two; return their output folders and stdout."""
     root = tmp_path_factory.mktemp("dist")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     out = {}
-    for name, launcher in (("single", []), ("dist", ["-m", "torch.distributed.run", "--standalone",
-                                                      "--nproc_per_node", "2"])):
-        r = subprocess.run([sys.executable, *launcher, "tests/dist_worker.py", str(root / name)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600, env=env)
+    for name, launcher in (("single", [sys.executable]), ("dist", TORCHRUN)):
+        r = subprocess.run([*launcher, "tests/dist_worker.py", str(root / name)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env=plain_env())
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         out[name] = (root / name, r.stdout)
     return out
@@ -124,10 +128,8 @@ def test_nan_under_torchrun_stops_every_process(tiny_path, tmp_path):
     """The gradient norm is global, so every process sees the same non-finite step and stops there:
     one line from rank 0, no model, no process left waiting in a collective."""
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "ga.py", "--lr", "1e30", "--reg", "none", "--max-steps", "6", "--no-eval", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    r = subprocess.run([*TORCHRUN, "ga.py", "--lr", "1e30", "--reg", "none", "--max-steps", "6", "--no-eval",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=plain_env())
     assert r.returncode != 0
     assert r.stderr.count("ga.py: error: non-finite loss or gradient at step 2") == 1, r.stderr[-3000:]
     assert "exitcode  : 1" in r.stderr  # torchrun's report: our exit status 1, not a crash or a timeout
