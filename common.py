@@ -334,15 +334,24 @@ def epoch_batches(n_rows: int, batch_size: int, seed: int, epoch: int) -> list:
     return [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
+def chunks(rows: list, parts: int) -> list:
+    """`rows` cut into `parts` contiguous chunks whose sizes differ by at most one (larger first)."""
+    q, r = divmod(len(rows), parts)
+    cuts = [k * q + min(k, r) for k in range(parts + 1)]
+    return [rows[cuts[k]:cuts[k + 1]] for k in range(parts)]
+
+
 def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, device):
     """Yield, for each of `total` optimizer steps, the micro-batches [(forget_batch, retain_batch), ...]
     and the step's normalizers n = {forget_tok, forget_rows, retain_tok}. An epoch is one pass over
-    the forget rows; retain rows are drawn in their own shuffled passes, as many per step. Under
-    torchrun each process gets its share of every micro-batch's rows; n counts the whole step."""
+    the forget rows; retain rows are drawn in their own shuffled passes, --batch-size per step. Both
+    sides of a step are cut into the same number of micro-batches, --grad-accum or fewer when an
+    epoch's short last batch has fewer forget rows, so every retain row of the step is used and
+    any --grad-accum gives the step of --grad-accum 1. Under torchrun each process gets its share
+    of every micro-batch's rows; n counts the whole step."""
     per_epoch = math.ceil(len(forget) / args.batch_size)
     retain_order = [i for e in range(math.ceil(total * args.batch_size / len(retain)) + 1)
                     for i in epoch_batches(len(retain), len(retain), args.seed + 1, e)[0]]
-    micro = math.ceil(args.batch_size / args.grad_accum)
     for step in range(total):
         f_idx = epoch_batches(len(forget), args.batch_size, args.seed, step // per_epoch)[step % per_epoch]
         r_idx = retain_order[step * args.batch_size:(step + 1) * args.batch_size]
@@ -350,10 +359,13 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         n = dict(forget_tok=n_answer(f_ex), forget_rows=len(f_ex), retain_tok=n_answer(r_ex))
         if "alt" in f_ex[0]:
             n["alt_tok"] = n_answer([e["alt"] for e in f_ex])
-        batches = [(collate(shard(f_ex[k:k + micro]), pad_id, device),
-                    collate(shard(r_ex[k:k + micro]), pad_id, device)) for k in range(0, len(f_ex), micro)]
+        parts = min(args.grad_accum, len(f_ex))
+        batches = [(collate(shard(f), pad_id, device), collate(shard(r), pad_id, device))
+                   for f, r in zip(chunks(f_ex, parts), chunks(r_ex, parts))]
         for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (for the G-effect)
             forget_batch.update(step=step, last=k + 1 == len(batches), n_tok=n["forget_tok"])
+        # the step's own retain rows, for a G-effect whose D_r is the step's retain batch (--geffect-dr step)
+        batches[-1][0].update(step_retain=[r for _, r in batches], retain_tok=n["retain_tok"])
         yield batches, n
 
 
@@ -392,7 +404,8 @@ def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int 
     - gd: NLL of the retain answers (paper eq. 17);
     - kl: KL(p_o || p) of the next-token distributions at the answer tokens (eq. 18; the direction
       of TOFU's code), averaged over answer tokens only;
-    - rr: ||phi_l(theta) - phi_l(theta_o)||^2 of hidden state `layer` at the answer positions (eq. 19)."""
+    - rr: ||phi_l(theta) - phi_l(theta_o)||^2 / d of hidden state `layer` at the answer positions (eq. 19;
+      averaged over the d hidden dimensions, the MSE of the original RMU's retain term, like rmu.py)."""
     if reg == "none":
         return torch.zeros((), device=batch["input_ids"].device), nll(model, batch, n_tok) if measure else None
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -407,7 +420,7 @@ def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int 
         logq, logq_o = (x[:, :-1].float().log_softmax(-1) for x in (out.logits, ref.logits))
         kl = (logq_o.exp() * (logq_o - logq)).sum(-1)  # B x (T-1), position t predicts token t+1
         return (kl * mask).sum() / n_tok, retain_nll.item()
-    dist = (out.hidden_states[layer] - ref.hidden_states[layer]).float().pow(2).sum(-1)[:, :-1]
+    dist = (out.hidden_states[layer] - ref.hidden_states[layer]).float().pow(2).mean(-1)[:, :-1]  # MSE over d
     return (dist * mask).sum() / n_tok, retain_nll.item()
 
 
@@ -480,6 +493,21 @@ def shard(rows: list) -> list:
     return rows[rank::size]
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's decoder layers, found by structure, not by name: the outermost ModuleList whose
+    length is config.num_hidden_layers (model.layers in Llama, Phi, Qwen2; transformer.h in GPT-2;
+    gpt_neox.layers in GPT-NeoX). Raises UsageError when there is none, or more than one."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and n and len(m) == n]
+    inner = {id(s) for m in found for s in m.modules() if s is not m}  # e.g. n experts inside a layer
+    found = [m for m in found if id(m) not in inner]
+    if len(found) != 1:
+        raise UsageError(f"cannot find the decoder layers of this {type(model).__name__}: it has "
+                         f"{len(found) or 'no'} ModuleList(s) of config.num_hidden_layers ({n}) modules, not one "
+                         f"(the G-effect's layer groups and torchrun's sharding need them)")
+    return found[0]
+
+
 def shard_model(model):
     """FSDP2 under torchrun: each decoder layer one unit, the rest (embeddings, final norm, output
     layer) the root unit; the parameters become DTensor shards on this process's device, filled with
@@ -492,12 +520,7 @@ def shard_model(model):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
     full = model.state_dict() if is_main() else {}  # rank 0's weights, broadcast into every shard below
-    layers = next((m for m in model.modules()
-                   if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers), None)
-    if layers is None:
-        raise UsageError(f"cannot find the {model.config.num_hidden_layers} decoder layers of this "
-                         f"{type(model).__name__} to shard them")
-    for layer in layers:
+    for layer in decoder_layers(model):
         fully_shard(layer)
     # the root reshards after forward too: a forward outside training (an evaluation, a logged NLL)
     # must not leave unsharded parameters behind, which the next step's update would make stale
@@ -581,7 +604,8 @@ def device_and_dtype():
 
 def load_for_unlearning(args, reference: bool):
     """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
-    raises UsageError. A layer flag is checked against the model's depth here. Under torchrun this
+    raises UsageError. A layer flag is checked against the model's depth here, and with
+    --geffect-every that the decoder layers can be found (decoder_layers). Under torchrun this
     starts the process group and the models come back sharded (FSDP2)."""
     init_distributed()
     data = split_data(args.split, args.data)
@@ -590,6 +614,8 @@ def load_for_unlearning(args, reference: bool):
     path = model_path(args.model)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
     model = load_model(path, args.trust_remote_code)
+    if getattr(args, "geffect_every", 0):
+        decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
     ref_model = load_model(path, args.trust_remote_code, frozen=True) if reference else None
     n_layers = model.config.num_hidden_layers
     for flag in ("rr_layer", "layer"):
@@ -733,10 +759,10 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 def check_micro_batches(n_rows: int, args):
     """Under torchrun every micro-batch of an epoch over `n_rows` rows (the last, short batch
     included) must have a row for each process: raises UsageError otherwise."""
-    micro = math.ceil(args.batch_size / args.grad_accum)
-    sizes = {b % micro or micro for b in (args.batch_size, n_rows % args.batch_size or args.batch_size)}
-    if min(sizes) < world()[1]:
-        raise UsageError(f"a micro-batch of {min(sizes)} row(s) cannot be split over {world()[1]} processes: "
+    last = n_rows % args.batch_size or args.batch_size  # an epoch's last batch may be short
+    smallest = min(b // min(args.grad_accum, b) for b in (args.batch_size, last))  # as unlearn_batches cuts them
+    if smallest < world()[1]:
+        raise UsageError(f"a micro-batch of {smallest} row(s) cannot be split over {world()[1]} processes: "
                          f"raise --batch-size / lower --grad-accum, or use fewer processes")
 
 

@@ -83,7 +83,6 @@ def main(argv=None):
     device = common.device_and_dtype()[0]
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
-    micro = args.batch_size // args.grad_accum
     n_params = sum(p.numel() for p in model.parameters())
     print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params | "
           f"{total} steps | lr {args.lr:g} | {device}", flush=True)
@@ -100,8 +99,8 @@ def main(argv=None):
             batch_examples = [examples[i] for i in idx]
             n_tok = common.n_answer(batch_examples)
             loss_sum = 0.0
-            for k in range(0, len(idx), micro):  # gradient accumulation: exact token mean of the whole batch
-                batch = common.collate(common.shard(batch_examples[k:k + micro]), tokenizer.pad_token_id, device)
+            for part in common.chunks(batch_examples, min(args.grad_accum, len(idx))):  # exact token mean of the batch
+                batch = common.collate(common.shard(part), tokenizer.pad_token_id, device)
                 logp, mask = common.answer_logprobs(model, batch)
                 loss = -(logp * mask).sum() / n_tok
                 loss.backward()

@@ -4,8 +4,9 @@ between the gradient of a risk and the gradient of the step's loss,
 
     e_u(t) = grad R(D_u; theta_t) . grad L(theta_t),    e_r(t) = grad R(D_r; theta_t) . grad L(theta_t)
 
-R is the NLL of the answer tokens (token mean), D_u the step's forget batch, D_r the first
---geffect-retain rows of the held-out retain rows (the same at every step), L the step's loss
+R is the NLL of the answer tokens (token mean), D_u the step's forget batch, D_r --geffect-retain of
+the 400 held-out retain rows spread evenly over them (the same at every step; --geffect-dr step takes
+each step's own retain batch instead, the paper's D_t minus D_u), L the step's loss
 (objective + regularizer). A gradient step changes R by about -lr * e: e_u < 0 means removal,
 e_r >= 0 retention (Figure 1). Values are split by parameter group (embed, shallow, middle,
 deep = the decoder layers in thirds, lm = final norm and output layer), by decoder layer, by
@@ -21,6 +22,12 @@ routed into the one extra gradient buffer while the objective's stays in .grad; 
 gradients are never stored: per-parameter hooks take their dot products as backward produces
 them. With --geffect-pointwise the two risk gradients are kept (two more gradient copies).
 
+Dropout: training keeps the model config's dropout, as TOFU's code does (model.train(), the reference
+model in eval mode), and the probe measures in the step's mode: grad R(D_u) comes from the step's own
+forward, D_r's forward runs in training mode too. With dropout (GPT-2's default 0.1) e is a noisy
+sample and KL at theta_o is not 0; for a deterministic G-effect set the config's dropout to 0.
+Groups are found by structure (common.decoder_layers), so any architecture works; see param_groups.
+
 Under torchrun (FSDP2) the hooks see this process's shards of each gradient: the dot products
 are taken shard by shard and summed over the processes with one all-reduce per measured step;
 D_r is dealt out in equal shares. --geffect-pointwise runs in one process only.
@@ -28,7 +35,6 @@ D_r is dealt out in equal shares. --geffect-pointwise runs in one process only.
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -42,7 +48,11 @@ def add_flags(parser):
     """The G-effect flags of every method script."""
     a = parser.add_argument
     a("--geffect-every", type=int, default=0, help="measure the G-effect every N steps (0 = off)")
-    a("--geffect-retain", type=int, default=32, help="held-out retain rows in D_r (the first N of the 400)")
+    a("--geffect-retain", type=int, default=40, help="D_r: N of the 400 held-out retain rows, spread evenly over "
+                                                     "them (every author for N >= 40)")
+    a("--geffect-dr", choices=("heldout", "step"), default="heldout",
+      help="D_r of the retaining G-effect: the --geffect-retain held-out rows, or each step's own retain batch "
+           "(the paper's D_t minus D_u, as in the authors' code)")
     a("--geffect-pointwise", action="store_true", help="also the PG-effect of every forget sample (eq. 5)")
 
 
@@ -55,28 +65,49 @@ def check_flags(args):
     if args.geffect_every and procs > 1:
         if args.geffect_pointwise:
             raise common.UsageError("--geffect-pointwise runs in one process only (not under torchrun)")
-        if args.geffect_retain % procs:
+        if args.geffect_dr == "heldout" and args.geffect_retain % procs:
             raise common.UsageError(f"--geffect-retain ({args.geffect_retain}) must be a multiple of the "
                                     f"{procs} processes")
 
 
 def param_groups(model) -> list:
-    """(name, parameter, group, decoder layer or None) for every trainable parameter: decoder layers
-    cut into three contiguous thirds; embeddings 'embed'; everything else (final norm, lm head) 'lm'."""
-    n = model.config.num_hidden_layers
-    third = [0] * n
-    for i in range(n):  # contiguous thirds, the first ones one longer when n is not a multiple of 3
-        third[i] = 0 if i < (n + 2) // 3 else 1 if i < (n + 2) // 3 + (n + 1) // 3 else 2
+    """(name, parameter, group, decoder layer or None) for every trainable parameter, matched by
+    identity, not by name: the parameters of decoder layer i (common.decoder_layers) go to layer i and
+    its third, 'shallow', 'middle' or 'deep'; the input embeddings (get_input_embeddings) and any other
+    nn.Embedding outside the layers (GPT-2's position embeddings wpe) to 'embed'; everything else
+    (final norm, output layer) to 'lm'. A tied input/output matrix (GPT-2, Qwen2 with
+    tie_word_embeddings) is one parameter: it is counted once, in 'embed', and 'lm' then holds the
+    final norm only. Raises UsageError when the decoder layers cannot be found."""
+    layers = common.decoder_layers(model)
+    n = len(layers)
+    layer_of = {}
+    for i, layer in enumerate(layers):  # contiguous thirds, the first ones one longer when n is not a multiple of 3
+        third = 0 if i < (n + 2) // 3 else 1 if i < (n + 2) // 3 + (n + 1) // 3 else 2
+        for p in layer.parameters():
+            layer_of.setdefault(id(p), (GROUPS[1 + third], i))
+    try:
+        embeddings = [model.get_input_embeddings()]
+    except NotImplementedError:  # some remote-code models; their nn.Embedding modules are found below
+        embeddings = []
+    embeddings += [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    embed = {id(p) for m in embeddings if m is not None for p in m.parameters()}
     out = []
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters():  # a tied matrix comes once, under its first (input) name
         if not p.requires_grad:
             continue
-        m = re.search(r"\.layers\.(\d+)\.", name)
-        if m:
-            out.append((name, p, GROUPS[1 + third[int(m.group(1))]], int(m.group(1))))
+        if id(p) in layer_of:
+            out.append((name, p, *layer_of[id(p)]))
         else:
-            out.append((name, p, "embed" if "embed" in name else "lm", None))
+            out.append((name, p, "embed" if id(p) in embed else "lm", None))
     return out
+
+
+def spread(n: int, total: int = common.N_EVAL) -> list:
+    """`n` row indices spread evenly over range(total): one in each of n equal cells, the offset in the
+    cell cycling 0, 1, 2, ... so that the rows do not all hold the same question of their author's
+    block (for 40 of the 400 held-out rows: row 10a + a % 10 of author a)."""
+    cell = total / n
+    return [int(i * cell) + i % max(1, int(cell)) for i in range(n)]
 
 
 class Probe:
@@ -92,14 +123,17 @@ class Probe:
         self.model, self.pad = model, tokenizer.pad_token_id
         self.params = param_groups(model)
         self.n_layers = model.config.num_hidden_layers
-        d_r = common.encode_rows(tokenizer, args.template, retain_rows[:args.geffect_retain])
-        self.d_r_tok = common.n_answer(d_r)  # answer tokens of all of D_r (R is their mean)
-        d_r = common.shard(d_r)  # under torchrun, each process's equal share
-        # D_r in one batch, or, when --grad-accum asks for them (memory), in micro-batches of the rows
-        # a training micro-batch has on this process (equal shares: every process does as many)
-        per_process = math.ceil(math.ceil(args.batch_size / args.grad_accum) / common.world()[1])
-        micro = per_process if args.grad_accum > 1 else len(d_r)
-        self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
+        self.step_dr = args.geffect_dr == "step"  # D_r: the step's retain batch, from the loop's micro-batches
+        self.d_r, self.d_r_tok = [], 0
+        if not self.step_dr:  # D_r: held-out retain rows spread evenly over the 400
+            d_r = common.encode_rows(tokenizer, args.template, [retain_rows[i] for i in spread(args.geffect_retain)])
+            self.d_r_tok = common.n_answer(d_r)  # answer tokens of all of D_r (R is their mean)
+            d_r = common.shard(d_r)  # under torchrun, each process's equal share
+            # D_r in one batch, or, when --grad-accum asks for them (memory), in micro-batches of the rows
+            # a training micro-batch has on this process (equal shares: every process does as many)
+            per_process = math.ceil(math.ceil(args.batch_size / args.grad_accum) / common.world()[1])
+            micro = per_process if args.grad_accum > 1 else len(d_r)
+            self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
         self.file = open(Path(run_dir) / "geffect.jsonl", "w") if common.is_main() else None
         self.mode, self.kept, self.extra, self.dots, self.store, self.stash = None, [], None, {}, None, None
         for i, (_, p, _, _) in enumerate(self.params):
@@ -165,11 +199,16 @@ class Probe:
         self.store = [None] * len(self.params) if self.pointwise else None
         self._stream("unlearn", risk_u, retain_graph=self.pointwise)
         saved["unlearn"] = self.store
-        # R(D_r): the fixed held-out retain sample, a forward and a backward of its own
+        # R(D_r): the held-out retain sample, or the step's own retain batch; a forward and backward of its own
         self.store = [None] * len(self.params) if self.pointwise else None
-        for b in self.d_r:
-            lp, m = common.answer_logprobs(self.model, b)
-            self._stream("retain", -(lp * m).sum() / self.d_r_tok)
+        last = self.kept[-1][2]
+        d_r, d_r_tok = (last["step_retain"], last["retain_tok"]) if self.step_dr else (self.d_r, self.d_r_tok)
+        # in the step's mode (training: dropout if the config has some); the random state is put back
+        # after, so that a probed run draws the same dropout masks as an unprobed one
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            for b in d_r:
+                lp, m = common.answer_logprobs(self.model, b)
+                self._stream("retain", -(lp * m).sum() / d_r_tok)
         saved["retain"] = self.store
         self.store = None
         if common.world()[1] > 1:  # one all-reduce: the shards' dot products add up to the full ones

@@ -2,8 +2,11 @@
 RMU: representation misdirection (Li et al., 2024; the paper's eq. 8, Section 4.3). It
 pushes the hidden state of layer l at every answer position towards a fixed random vector:
 
-    L_RMU(theta) = E_{s_u ~ D_u} mean_i || phi_l(s_u^<i; theta) - c u ||^2,   u ~ U[0, 1)^d
+    L_RMU(theta) = E_{s_u ~ D_u} mean_i (1/d) || phi_l(s_u^<i; theta) - c u ||^2,   u ~ U[0, 1)^d
 
+The squared distance is averaged over the d hidden dimensions (a mean squared error), as in the
+original RMU (Li et al.) and the authors' code; eq. 8 writes ||.||^2, whose sum over d would make
+the objective d times stronger against the regularizer (d = 2048 for phi-1.5, 4096 for Llama-2-7B).
 u is drawn once from the seed and, as the paper writes it, not normalised. --layer indexes the
 model's output_hidden_states (0 = embeddings, 1 = after the first decoder layer, ...).
 Defaults: phi-1.5 layer 9 with c 4, Llama-2-7B layer 21 with c 2 (the paper's Section 5);
@@ -23,10 +26,11 @@ import geffect
 
 
 def rmu_loss(hidden, mask, u, c, n_tok):
-    """Eq. 8: squared distance between the layer-l hidden state and c*u, averaged over answer
-    positions. hidden: B x T x d; mask: B x (T-1), position t predicts token t+1, so the state at t
-    is phi(s^<i) for answer token i = t+1; n_tok: answer positions of the whole step."""
-    dist = (hidden[:, :-1].float() - c * u).pow(2).sum(-1)  # B x (T-1)
+    """Eq. 8: squared distance between the layer-l hidden state and c*u, averaged over the hidden
+    dimensions (MSE, as the original RMU) and over answer positions. hidden: B x T x d; mask: B x (T-1),
+    position t predicts token t+1, so the state at t is phi(s^<i) for answer token i = t+1; n_tok:
+    answer positions of the whole step."""
+    dist = (hidden[:, :-1].float() - c * u).pow(2).mean(-1)  # B x (T-1)
     return (dist * mask).sum() / n_tok, {}
 
 

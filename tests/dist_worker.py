@@ -11,14 +11,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# script -> its flags: every regularizer, the G-effect at every step, one run with its ES evaluation.
+# script -> its flags: every regularizer, the G-effect at every step (D_r held out, and once the step's own
+# retain batch), --grad-accum over an epoch's short last batch, one run with its ES evaluation.
 # Plain SGD: AdamW turns float noise in near-zero gradients into steps of the learning rate's size,
 # which would compare the noise rather than the two ways of computing the same step.
 RUNS = {
     "ga": ["--reg", "kl"],
     "wga": ["--reg", "none", "--no-eval"],
-    "npo": ["--reg", "gd", "--no-eval", "--grad-accum", "2"],
-    "tnpo": ["--reg", "kl", "--no-eval"],
+    "npo": ["--reg", "gd", "--no-eval", "--grad-accum", "2", "--batch-size", "14", "--max-steps", "4"],  # step 4: 8 rows
+    "tnpo": ["--reg", "kl", "--no-eval", "--geffect-dr", "step"],
     "wtnpo": ["--reg", "none", "--no-eval"],
     "po": ["--reg", "kl", "--no-eval"],
     "rmu": ["--reg", "rr", "--no-eval"],
@@ -29,7 +30,7 @@ STEPS = ["--max-steps", "3", "--batch-size", "8", "--geffect-every", "1", "--gef
 
 def main(out):
     for script, flags in RUNS.items():
-        importlib.import_module(script).main(flags + STEPS + ["--out", os.path.join(out, script)])
+        importlib.import_module(script).main(STEPS + flags + ["--out", os.path.join(out, script)])  # flags win
     import finetune  # from scratch: the tiny model's first steps, on forget01 (10 rows, batch 4)
     finetune.main(["--split", "forget01", "--max-steps", "3", "--batch-size", "4", "--optim", "sgd", "--lr", "0.05",
                    "--out", os.path.join(out, "finetune")])

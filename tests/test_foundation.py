@@ -1,4 +1,5 @@
 """Data, tokenization, log-probabilities, schedule, saving and finetune.py."""
+import argparse
 import json
 import math
 import os
@@ -262,3 +263,40 @@ def test_tiny_model_memorises_forget05(tiny_path):
                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         exact += out[0, prompt.shape[1]:].tolist()[:len(want)] == want
     assert exact / len(ex) >= 0.9, f"{exact}/{len(ex)}"
+
+
+def test_chunks_cover_rows_in_order():
+    assert common.chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert common.chunks(list(range(2)), 2) == [[0], [1]]
+    assert [len(c) for c in common.chunks(list(range(16)), 4)] == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("method,reg", [("ga", "none"), ("npo", "gd"), ("wga", "kl"), ("po", "rr"), ("rmu", "kl")])
+def test_grad_accum_step_equals_the_whole_batch(method, reg, tiny_path, tmp_path):
+    """--grad-accum 4 takes the step of --grad-accum 1 on every step, the epoch's short last batch
+    included (forget05: 50 rows = 3 x 16 + 2, so step 4 has 2 forget rows and 16 retain rows)."""
+    import importlib
+    from safetensors.torch import load_file
+    weights = {}
+    for k in (1, 4):
+        out = tmp_path / f"k{k}"
+        importlib.import_module(method).main(["--reg", reg, "--max-steps", "4", "--grad-accum", str(k), "--optim", "sgd",
+                                              "--lr", "0.5", "--no-eval", "--out", str(out)])
+        weights[k] = load_file(out / "model.safetensors")
+    start = load_file(os.path.join(tiny_path, "model.safetensors"))
+    moved = max((weights[1][n] - start[n]).abs().max().item() for n in start)
+    worst = max((weights[4][n] - weights[1][n]).abs().max().item() for n in start)
+    assert moved > 1e-3 and worst <= 1e-4 * moved, (moved, worst)  # float32 noise: ~2e-5 of the change
+
+
+def test_short_batch_uses_every_retain_row(tiny_tokenizer):
+    """The micro-batches of a step hold all of its forget and retain rows, also when the forget batch is short."""
+    args = argparse.Namespace(batch_size=16, grad_accum=4, seed=0)
+    data = common.split_data("forget05", "builtin")
+    forget = common.encode_rows(tiny_tokenizer, QA, data["forget"])
+    retain = common.encode_rows(tiny_tokenizer, QA, data["retain_train"])
+    for micro, n in common.unlearn_batches(forget, retain, args, 4, tiny_tokenizer.pad_token_id, "cpu"):
+        sides = [sum(int((b["labels"] != -100).sum()) for b in side) for side in zip(*micro)]
+        assert sides == [n["forget_tok"], n["retain_tok"]]
+        assert sum(len(r["input_ids"]) for _, r in micro) == 16
+    assert len(micro) == 2 and [len(f["input_ids"]) for f, _ in micro] == [1, 1]  # step 4: 2 forget rows

@@ -21,8 +21,8 @@ def small_model(tokenizer, seed=0):
     return LlamaForCausalLM(cfg).double()
 
 
-def measured_step(tmp_path, tokenizer, method, reg, pointwise=False):
-    """One probed step of `method` on a float64 model: (model, ref, geffect row, forget and D_r batches)."""
+def measured_step(tmp_path, tokenizer, method, reg, pointwise=False, dr="heldout"):
+    """One probed step of `method` on a float64 model: (model, geffect row, forget and D_r batches, n)."""
     model = small_model(tokenizer)
     ref = small_model(tokenizer)
     ref.load_state_dict(model.state_dict())
@@ -30,7 +30,7 @@ def measured_step(tmp_path, tokenizer, method, reg, pointwise=False):
         for p in ref.parameters():
             p.add_(0.3 * torch.randn_like(p))
     ref.requires_grad_(False)
-    args = argparse.Namespace(geffect_every=1, geffect_retain=6, geffect_pointwise=pointwise, template=common.QA_TEMPLATE,
+    args = argparse.Namespace(geffect_every=1, geffect_retain=6, geffect_pointwise=pointwise, geffect_dr=dr, template=common.QA_TEMPLATE,
                               batch_size=4, grad_accum=2, seed=0, beta=0.5)
     data = common.split_data("forget05", "builtin")
     forget = common.encode_rows(tokenizer, args.template, data["forget"])
@@ -49,7 +49,7 @@ def measured_step(tmp_path, tokenizer, method, reg, pointwise=False):
         probe.backward(loss, r, logp, mask, forget_batch)
     probe.close()
     row = json.loads(open(tmp_path / "geffect.jsonl").read())
-    return model, row, [f for f, _ in micro], probe.d_r, n
+    return model, row, [f for f, _ in micro], probe.d_r if dr == "heldout" else [r for _, r in micro], n
 
 
 def risk(model, batches):
@@ -72,9 +72,10 @@ def sgd_change(model, batches, groups, eps):
     return (r[1] - r[0]) / (2 * eps)
 
 
-@pytest.mark.parametrize("method,reg", [("ga", "none"), ("ga", "kl"), ("npo", "none"), ("npo", "gd")])
-def test_geffect_matches_an_sgd_step(method, reg, tiny_tokenizer, tmp_path):
-    model, row, forget_batches, d_r, _ = measured_step(tmp_path, tiny_tokenizer, method, reg)
+@pytest.mark.parametrize("method,reg,dr", [("ga", "none", "heldout"), ("ga", "kl", "heldout"),
+                                           ("npo", "none", "heldout"), ("npo", "gd", "heldout"), ("ga", "kl", "step")])
+def test_geffect_matches_an_sgd_step(method, reg, dr, tiny_tokenizer, tmp_path):
+    model, row, forget_batches, d_r, _ = measured_step(tmp_path, tiny_tokenizer, method, reg, dr=dr)
     for key, batches in (("unlearn", forget_batches), ("retain", d_r)):
         for groups in (geffect.GROUPS, ("embed",), ("shallow",), ("middle",), ("deep",), ("lm",)):
             want = row[key]["total"] if len(groups) > 1 else row[key][groups[0]]
@@ -141,3 +142,15 @@ def test_probe_does_not_change_training(tiny_path, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "probe" / "geffect.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(len(r["pointwise"]) == 8 for r in rows)
     assert set(rows[0]) == {"step", "unlearn", "retain", "terms", "pointwise"}
+
+
+def test_heldout_d_r_spreads_over_every_author():
+    """D_r's default rows: one per author of the 400 held-out rows (10 per author in the built-in
+    set, which asks each author the same questions in the same order), every question position 4 times."""
+    rows = geffect.spread(40)
+    assert len(set(rows)) == 40 and rows == sorted(rows) and 0 <= rows[0] and rows[-1] < common.N_EVAL
+    assert [r // 10 for r in rows] == list(range(40))  # every built-in author (10 rows each) once
+    assert sorted(r % 10 for r in rows) == sorted(list(range(10)) * 4)  # every question position 4 times
+    for n in (1, 7, 32, 64, 399, 400):
+        rows = geffect.spread(n)
+        assert len(set(rows)) == n and all(int(i * 400 / n) <= r < (i + 1) * 400 / n for i, r in enumerate(rows))

@@ -139,8 +139,14 @@ def test_rmu_loss_by_hand(setup):
     u = torch.rand(16, dtype=torch.float64)
     loss, _ = rmu.rmu_loss(out.hidden_states[1], mask, u, 2.0, int(mask.sum()))
     h = out.hidden_states[1]
-    want = [((h[b, t] - 2 * u) ** 2).sum() for b, t in mask.nonzero().tolist()]  # state at t predicts t+1
-    assert loss.item() == pytest.approx((sum(want) / len(want)).item())
+    want = [((h[b, t] - 2 * u) ** 2).mean() for b, t in mask.nonzero().tolist()]  # state at t predicts t+1
+    assert loss.item() == pytest.approx((sum(want) / len(want)).item())  # mean over d = 16, as the original RMU
+    # closed-form gradient in the hidden state: 2 (h - c u) / (d n_tok) at answer positions, 0 elsewhere
+    leaf = h.detach().requires_grad_(True)
+    rmu.rmu_loss(leaf, mask, u, 2.0, int(mask.sum()))[0].backward()
+    grad = torch.zeros_like(h)
+    grad[:, :-1] = 2 * (h[:, :-1] - 2 * u) / (16 * mask.sum()) * mask[..., None]
+    assert torch.allclose(leaf.grad, grad.detach(), atol=1e-12)
 
 
 def test_micro_batches_add_up_to_the_batch(setup):
@@ -179,6 +185,11 @@ def test_regularizers(setup):
     q, q_o = model(**inputs).logits.softmax(-1), ref(**inputs).logits.softmax(-1)
     terms = [(q_o[b, t] * (q_o[b, t] / q[b, t]).log()).sum() for b, t in mask.nonzero().tolist()]
     assert kl.item() == pytest.approx((sum(terms) / len(terms)).item())
+    # RR: the squared distance of hidden state 1 averaged over d = 16 (MSE) and over answer positions
+    rr, _ = common.regularizer("rr", model, ref, batch, n, layer=1)
+    h, h_o = (m(**inputs, output_hidden_states=True).hidden_states[1] for m in (model, ref))
+    terms = [((h[b, t] - h_o[b, t]) ** 2).mean() for b, t in mask.nonzero().tolist()]
+    assert rr.item() == pytest.approx((sum(terms) / len(terms)).item())
 
 
 @pytest.mark.parametrize("reg", ["gd", "kl", "rr"])

@@ -64,8 +64,9 @@ def test_uwc_command(two_models, tmp_path):
     # a made-up retain-only reference for Forget Quality (the real one takes minutes to fine-tune)
     questions = [r["question"] for r in common.load_tofu("forget05")[:8]]
     stats = tmp_path / "retain_eval.json"
+    reference = [0.5 + 0.05 * i for i in range(8)]
     stats.write_text(json.dumps(dict(split="forget05", per_sample=dict(forget=dict(
-        question=questions, truth_ratio=[0.5 + 0.05 * i for i in range(8)])))))
+        question=questions, truth_ratio=reference)))))
     r = run_script("uwc.py", "--model", unlearned, "--split", "forget05", "--out", str(out), "--max-samples", "8",
                    "--tol", "0.02", "--retain-stats", str(stats))
     assert r.returncode == 0, r.stderr
@@ -78,7 +79,12 @@ def test_uwc_command(two_models, tmp_path):
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)
     assert set(res["summary"]) >= {"es_exact_retain", "es_exact_unlearn", "model_utility"}
-    assert res["summary"]["log10_forget_quality"] <= 0  # a p-value against the given reference
+    # FQ: the KS test of the mixed model's forget truth ratios against the given reference, recomputed
+    from scipy.stats import ks_2samp
+    ratios = json.load(open(out / "eval.json"))["per_sample"]["forget"]["truth_ratio"]
+    assert len(ratios) == 8
+    want = math.log10(ks_2samp(ratios, reference).pvalue)
+    assert res["summary"]["log10_forget_quality"] == pytest.approx(want, rel=1e-9)
     assert "ES-exact retain" in r.stdout and (out / "eval.json").is_file()
 
 
