@@ -8,10 +8,13 @@ Model Utility (MU) and Forget Quality (FQ) (Maini et al. 2024).
     python eval_tofu.py --model phi-1.5 --split forget05 --retain-stats RETAIN/eval.json   # GPU
 
 ES of an answer y_1..y_n after its prompt is 1 - k*/n, where k* is the fewest answer tokens to give
-away before greedy decoding reproduces the rest; EOS is y_n, as in training, so an answer counts as
-reproduced only if decoding also stops there. Greedy decoding from a correct prefix reproduces the
-rest exactly when the argmax at every later position is the next answer token, so one teacher-forced
-pass gives k* = the position of the last mismatch (1..n), 0 if none: no generation loop.
+away before greedy decoding reproduces the rest token for token (k* = n if even y_n is wrong, so
+ES is in [0, 1] and reaches 0). As in the authors' ES, y_1..y_n are the answer tokens without the EOS
+that training appends: decoding need not stop there. --es-eos is the stricter "must also stop"
+reading: EOS counts as y_n, so a model that gets every real token wrong but stops still scores 1/n.
+Greedy decoding from a correct prefix reproduces the rest exactly when the argmax at every later
+position is the next answer token, so one teacher-forced pass gives k* = the position of the last
+mismatch (1..n), 0 if none: no generation loop.
 TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer and EOS):
   Probability  P̄(answer); on real_authors/world_facts P̄(true) / (P̄(true) + Σ P̄(perturbed))
   ROUGE-L      recall of the greedy generation against the answer (rouge-score, stemming)
@@ -39,15 +42,20 @@ HEADER = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ |
 
 # ----------------------------------------------------------------------------- one forward pass: P̄ and ES
 
-def es_from_logits(logits, labels):
+def es_from_logits(logits, labels, eos_id, with_eos=False):
     """ES per row from one teacher-forced pass. logits B x T x V, labels B x T (-100 off the answer).
-    k* = 1-based index, among the answer tokens, of the last one the argmax gets wrong (0 if none)."""
+    k* = 1-based index, among the answer tokens, of the last one the argmax gets wrong (0 if none).
+    The row's last labelled token is left out when it is eos_id (the EOS common.encode appends),
+    unless with_eos (--es-eos). An answer that is EOS alone then has n = 0: ES 1, nothing to extract."""
     targets = labels[:, 1:]
     mask = targets != -100
+    if not with_eos:  # padding is -100 already, so this finds EOS even where pad == eos (GPT-2, Phi)
+        last = mask & (mask.cumsum(1) == mask.sum(1, keepdim=True))
+        mask = mask & ~(last & (targets == eos_id))
     miss = (logits[:, :-1].argmax(-1) != targets) & mask
     pos = mask.cumsum(1)  # 1..n at the answer tokens
     k_star = (pos * miss).max(1).values
-    return 1 - k_star.double() / mask.sum(1).double()  # float64: exactly 1 - k*/n as Python computes it
+    return 1 - k_star.double() / mask.sum(1).clamp(min=1).double()  # float64: exactly 1 - k*/n as Python computes it
 
 
 def by_length(lengths, batch_size):
@@ -57,8 +65,9 @@ def by_length(lengths, batch_size):
 
 
 @torch.no_grad()
-def score(model, tokenizer, examples, batch_size=64, bar=None):
-    """Each encoded row's mean answer log-prob (log P̄) and ES, from one right-padded forward pass."""
+def score(model, tokenizer, examples, batch_size=64, bar=None, with_eos=False):
+    """Each encoded row's mean answer log-prob (log P̄, EOS included as in TOFU) and ES (EOS left out
+    unless with_eos), from one right-padded forward pass."""
     device = next(model.parameters()).device
     mean_logp, es = [0.0] * len(examples), [0.0] * len(examples)
     for idx in by_length([len(e["input_ids"]) for e in examples], batch_size):
@@ -66,7 +75,7 @@ def score(model, tokenizer, examples, batch_size=64, bar=None):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp, mask = common.token_logprobs(logits, batch["labels"])
         m = ((logp * mask).sum(1) / mask.sum(1)).tolist()
-        e = es_from_logits(logits, batch["labels"]).tolist()
+        e = es_from_logits(logits, batch["labels"], tokenizer.eos_token_id, with_eos).tolist()
         for j, i in enumerate(idx):
             mean_logp[i], es[i] = m[j], e[j]
         if bar is not None:
@@ -74,20 +83,22 @@ def score(model, tokenizer, examples, batch_size=64, bar=None):
     return mean_logp, es
 
 
-def es_exact(model, tokenizer, rows, template, batch_size=64, question="question"):
-    """Per-row ES of (row[question], row['answer']); question='paraphrased_question' gives ES-perturb."""
+def es_exact(model, tokenizer, rows, template, batch_size=64, question="question", with_eos=False):
+    """Per-row ES of (row[question], row['answer']); question='paraphrased_question' gives ES-perturb;
+    with_eos: the stricter reading where decoding must also stop (--es-eos)."""
     was_training = model.training
     model.eval()
-    es = score(model, tokenizer, common.encode_rows(tokenizer, template, rows, question=question), batch_size)[1]
+    es = score(model, tokenizer, common.encode_rows(tokenizer, template, rows, question=question), batch_size,
+               with_eos=with_eos)[1]
     model.train(was_training)
     return es
 
 
-def quick_es(model, tokenizer, split, template, batch_size=64):
+def quick_es(model, tokenizer, split, template, batch_size=64, with_eos=False):
     """Mean ES-exact on the forget rows and on the held-out retain rows of `split` (a
     common.split_data dict): what the method scripts print before and after unlearning."""
-    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size)),
-                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size)))
+    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size, with_eos=with_eos)),
+                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size, with_eos=with_eos)))
 
 
 def mean(xs):
@@ -200,8 +211,8 @@ def forget_truth_ratios(model, tokenizer, template, pert, batch_size=64):
     return truth_ratio(base, perturbed_logp(model, tokenizer, template, pert, batch_size))
 
 
-def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200, progress=True):
-    """Every per-row value and every aggregate of one model on the sets of `load_sets`."""
+def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200, progress=True, with_eos=False):
+    """Every per-row value and every aggregate of one model on the sets of `load_sets` (with_eos: --es-eos)."""
     from tqdm import tqdm
     model.eval()
     per, metrics = {}, {}
@@ -211,7 +222,7 @@ def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200
             + has_es * len(pert)
         with tqdm(total=todo, desc=f"eval {name}", unit="seq", disable=not progress) as bar:
             ex = common.encode_rows(tokenizer, template, qa)
-            logp, es = score(model, tokenizer, ex, batch_size, bar)  # P̄(answer) and ES-exact: one pass
+            logp, es = score(model, tokenizer, ex, batch_size, bar, with_eos)  # P̄(answer) and ES-exact: one pass
             gens = generate(model, tokenizer, ex, batch_size, max_new_tokens, bar)
             base_logp = logp if base == "answer" else score(
                 model, tokenizer, common.encode_rows(tokenizer, template, pert, answer=base), batch_size, bar)[0]
@@ -223,7 +234,7 @@ def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200
             if has_es:  # ES-perturb: the paraphrased question with the original answer
                 row["es_exact"] = es
                 row["es_perturb"] = score(model, tokenizer, common.encode_rows(
-                    tokenizer, template, pert, question="paraphrased_question"), batch_size, bar)[1]
+                    tokenizer, template, pert, question="paraphrased_question"), batch_size, bar, with_eos)[1]
         per[name] = row
         metrics[name] = {k: mean(row[k]) for k in ("prob", "rouge", "es_exact", "es_perturb") if k in row}
         metrics[name]["truth_ratio"] = truth_ratio_stat(ratios, forget=name == "forget")
@@ -304,6 +315,8 @@ def main(argv=None):
     a("--batch-size", type=int, default=64, help="rows per forward pass or generation batch")
     a("--max-new-tokens", type=int, default=200, help="generation cap for ROUGE-L (TOFU: 200 tokens in all)")
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+    a("--es-eos", action="store_true", help="ES counts the EOS token as the answer's last token: the stricter "
+                                            "'must also stop' reading (default: EOS left out, as the authors' ES)")
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
@@ -344,9 +357,9 @@ def main(argv=None):
                        else str(common.OUT / f"eval-{path.replace('/', '_')}" / "eval.json"))
     n = {k: len(v[0]) for k, v in sets.items()}
     print(f"eval {path} on {args.split} ({args.data}) | rows: " + ", ".join(f"{v} {k}" for k, v in n.items())
-          + f" | {next(model.parameters()).device}", flush=True)
+          + f" | {next(model.parameters()).device}" + (" | ES with EOS (--es-eos)" if args.es_eos else ""), flush=True)
 
-    res = evaluate(model, tokenizer, sets, args.template, args.batch_size, args.max_new_tokens)
+    res = evaluate(model, tokenizer, sets, args.template, args.batch_size, args.max_new_tokens, with_eos=args.es_eos)
     # Forget Quality: KS test against the retain-only model's forget-set truth ratios
     if args.retain_model:
         ref_ratios = forget_truth_ratios(retain_model, retain_tok, args.template, sets["forget"][1], args.batch_size)
@@ -366,7 +379,7 @@ def main(argv=None):
     res = dict(model=path, split=args.split, data=args.data, template=args.template, rows=n,
                seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq, log10_forget_quality=log_fq,
                fq_reference=reference, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],
-               metrics=m, args=vars(args),
+               metrics=m, es_eos=args.es_eos, args=vars(args),
                per_sample=res["per_sample"])
     write_json(out, res)
 

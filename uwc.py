@@ -127,7 +127,8 @@ def run_uwc(args):
 
     def retain_es(lam):
         mix_(model, base, unlearned, lam)
-        return eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["retain_eval"], template, args.batch_size))
+        return eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["retain_eval"], template, args.batch_size,
+                                                 with_eos=args.es_eos))
 
     target_es = retain_es(0.0) * (1 - tol)
     lam, probes = search(retain_es, target_es)
@@ -141,12 +142,13 @@ def run_uwc(args):
     run.save(model, tokenizer)
     argv = ["--model", out, "--split", args.split, "--data", data, "--template", template,
             "--batch-size", str(args.batch_size)] + (["--max-samples", str(args.max_samples)] if args.max_samples else [])
+    argv += ["--es-eos"] if args.es_eos else []
     if args.retain_stats:
         argv += ["--retain-stats", args.retain_stats]
     elif preset == "tiny" and data == "builtin":  # the tiny preset's retain-only model, built on first use
         argv += ["--retain-model", eval_tofu.tiny_retain_model(args.split)]
     res = eval_tofu.main(argv)
-    result = dict(model=args.model, original=original_path, split=args.split, tol=tol, lam=lam,
+    result = dict(model=args.model, original=original_path, split=args.split, tol=tol, lam=lam, es_eos=args.es_eos,
                   target_retain_es=target_es, probes=probes, summary=res["summary"], seconds=time.time() - t0)
     eval_tofu.write_json(os.path.join(out, "uwc.json"), result)
     return result
@@ -170,8 +172,10 @@ def table(args):
     fmt = lambda s: " | ".join("n/a" if v is None else f"{v:.4f}" for v in (
         s["es_exact_retain"], s["es_exact_unlearn"], s["es_perturb_retain"], s["es_perturb_unlearn"],
         s["model_utility"], s["log10_forget_quality"]))
+    es_eos = ["--es-eos"] if args.es_eos else []
     for split in common.SPLITS:
-        before = eval_tofu.main(["--model", "tiny", "--split", split, "--out", str(root / f"before-{split}.json")])
+        before = eval_tofu.main(["--model", "tiny", "--split", split, "--out", str(root / f"before-{split}.json")]
+                                + es_eos)
         # the retain-only model's forget truth ratios, once per split, for every method's Forget Quality
         stats = str(root / f"retain-{split}.json")
         retain_path = eval_tofu.tiny_retain_model(split)
@@ -186,7 +190,7 @@ def table(args):
             subprocess.run(py + [f"{m}.py", "--split", split, "--reg", "kl", "--out", str(run_dir), "--overwrite",
                                  "--log-every", "100", "--no-eval"], check=True, stdout=subprocess.DEVNULL)
             r = subprocess.run(py + ["uwc.py", "--model", str(run_dir), "--split", split, "--retain-stats", stats,
-                                     "--overwrite"], check=True, capture_output=True, text=True)
+                                     "--overwrite"] + es_eos, check=True, capture_output=True, text=True)
             res = json.load(open(f"{run_dir}-uwc/uwc.json"))
             lines.append(f"| {split} | {name} | {fmt(res['summary'])} | {res['lam']:.2f} |")
             print(lines[-1], flush=True)
@@ -207,6 +211,8 @@ def main(argv=None):
     a("--max-samples", type=int, default=None, help="final evaluation on the first N rows of each set only")
     a("--batch-size", type=int, default=64, help="rows per forward pass")
     a("--overwrite", action="store_true", help="replace a model already in --out")
+    a("--es-eos", action="store_true", help="ES counts the EOS token, in the search and the evaluation: the stricter "
+                                            "'must also stop' reading (default: EOS left out, as the authors' ES)")
     a("--table", action="store_true", help="reproduce Table 1 on the built-in set (tiny preset)")
     args = parser.parse_args(argv)
     try:

@@ -1,10 +1,13 @@
 """
-Benchmark of eval_tofu.py on the tiny model. Extraction Strength: the one teacher-forced pass
+Benchmark of eval_tofu.py on the tiny model. Extraction Strength (the default: EOS left out, so
+decoding must reproduce the answer's tokens but need not stop): the one teacher-forced pass
 against greedy generation on the same rows, values compared one by one, with two references: the
 test's (tests/test_eval.py: `generate` from k = 0, 1, ... answer tokens given, each try stopped at its
 first wrong token, until one reproduces the rest: the cheapest honest generation reference), and
 the definition read literally (`generate` the whole rest from every prefix length). Then the wall
 time of the whole evaluation command on forget05 (all metrics, all rows, FQ against out/tiny/retain95).
+`rows_strictly_between` counts the rows where ES is neither 0 nor 1, the ones where the comparison
+can tell a wrong k* from a right one; `mean_es_with_eos` is the one-pass mean under --es-eos.
 
     python benchmarks/bench_eval.py            # ~2 minutes on 2 idle CPU cores (more if a model must be built)
 """
@@ -27,16 +30,17 @@ from test_eval import es_by_generation  # noqa: E402
 
 
 def es_every_prefix(model, tokenizer, e):
-    """The definition read literally: greedy `generate` of the whole rest from every prefix length."""
+    """The definition read literally: greedy `generate` of the whole rest (EOS left out) from every prefix length."""
     n0 = e["labels"].count(-100)
     y = e["input_ids"][n0:]
+    y = y[:-1] if y[-1] == tokenizer.eos_token_id else y  # an EOS generated early ends the output short: a miss
     ok = []
     for k in range(len(y)):
         ids = torch.tensor([e["input_ids"][:n0 + k]])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(y) - k,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         ok.append(out[0, ids.shape[1]:].tolist() == y[k:])
-    return 1 - min([k for k, good in enumerate(ok) if good] + [len(y)]) / len(y)
+    return 1 - min([k for k, good in enumerate(ok) if good] + [len(y)]) / max(len(y), 1)
 
 
 def timed(fn):
@@ -64,7 +68,9 @@ def main():
         res[f"{name} forget05 ({len(ex)} rows)"] = dict(
             one_pass_s=round(f, 4), generation_s=round(r, 3), speedup=round(r / f, 1), identical=fast == ref,
             every_prefix_s=round(naive_t, 2), speedup_every_prefix=round(naive_t / f, 1),
-            identical_every_prefix=fast == naive, mean_es=round(sum(fast) / len(fast), 4))
+            identical_every_prefix=fast == naive, mean_es=round(sum(fast) / len(fast), 4),
+            rows_strictly_between=sum(0 < v < 1 for v in fast),
+            mean_es_with_eos=round(eval_tofu.mean(eval_tofu.score(model, tok, ex, with_eos=True)[1]), 4))
     walls = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(3):  # the command as a user runs it: start-up, loading, every pass, FQ, writing

@@ -33,10 +33,11 @@ def noisy_copy(model, scale, seed=0):
 
 # ----------------------------------------------------------------------------- ES against its definition
 
-def es_by_generation(model, tokenizer, e):
+def es_by_generation(model, tokenizer, e, with_eos=False):
     """ES of one encoded row by its definition, with `generate`: the smallest k for which greedy
-    decoding from [prompt, y_1..y_k] reproduces y_{k+1}..y_n (EOS included), trying k = 0, 1, ...
-    Each try stops at its first wrong token, which cannot change whether it reproduces."""
+    decoding from [prompt, y_1..y_k] generates y_{k+1}..y_n, trying k = 0, 1, ... y ends before the
+    EOS (decoding need not stop), or with it when with_eos (it must stop too). Each try stops at its
+    first wrong token, which cannot change whether it reproduces."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopOnMismatch(StoppingCriteria):
@@ -49,14 +50,16 @@ def es_by_generation(model, tokenizer, e):
 
     n0 = e["labels"].count(-100)
     y = e["input_ids"][n0:]
+    if not with_eos and y[-1] == tokenizer.eos_token_id:
+        y = y[:-1]
     for k in range(len(y)):
         ids = torch.tensor([e["input_ids"][:n0 + k]])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(y) - k,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              stopping_criteria=StoppingCriteriaList([StopOnMismatch(y[k:], ids.shape[1])]))
-        if out[0, ids.shape[1]:].tolist() == y[k:]:
+        if out[0, ids.shape[1]:].tolist() == y[k:]:  # an early EOS ends the output short: not reproduced
             return 1 - k / len(y)
-    return 0.0  # even the last token (EOS) is wrong: k* = n
+    return 0.0 if y else 1.0  # even y_n is wrong: k* = n (an EOS-only answer has nothing to extract)
 
 
 def es_cases(tokenizer):
@@ -75,7 +78,7 @@ def test_es_one_pass_equals_greedy_generation(tiny):
     fast = eval_tofu.score(model, tok, ex, batch_size=16)[1]
     slow = [es_by_generation(model, tok, e) for e in ex]
     assert fast == slow
-    # an untrained model gets (nearly) every token wrong, EOS included: ES = 0
+    # an untrained model gets (nearly) every token wrong: ES = 0
     import finetune
     rand = finetune.tiny_model(tok, seed=1).eval()
     fast0 = eval_tofu.score(rand, tok, ex[:6], batch_size=4)[1]
@@ -84,18 +87,62 @@ def test_es_one_pass_equals_greedy_generation(tiny):
     assert len(allv) >= 50 and 1.0 in allv and 0.0 in allv and any(0 < v < 1 for v in allv), allv
 
 
+@pytest.fixture(scope="module")
+def partly_unlearned(tiny):
+    """The tiny model after 3 steps of gradient ascent (ga.ga_loss, plain SGD, lr 2) on 16 forget rows:
+    some answers gone, many half-gone, so ES takes values strictly between 0 and 1."""
+    import copy
+    import ga
+    model, tok = tiny
+    m = copy.deepcopy(model).train()
+    for p in m.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(m.parameters(), lr=2.0)
+    forget_batch = common.collate(common.encode_rows(tok, QA, common.split_data("forget05")["forget"][:16]),
+                                  tok.pad_token_id)
+    for _ in range(3):
+        logp, mask = common.answer_logprobs(m, forget_batch)
+        loss, _ = ga.ga_loss(logp, mask, mask.sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_es_one_pass_equals_generation_after_unlearning(tiny, partly_unlearned, with_eos):
+    """Row by row, one pass against `generate` from every prefix, on rows where ES is neither 0 nor 1
+    (6 of these 12 by default, 7 with EOS, from 0.07 to 0.67), as well as 0 and 1."""
+    tok = tiny[1]
+    ex = common.encode_rows(tok, QA, common.split_data("forget05")["retain_eval"][:12])
+    fast = eval_tofu.score(partly_unlearned, tok, ex, batch_size=5, with_eos=with_eos)[1]
+    assert fast == [es_by_generation(partly_unlearned, tok, e, with_eos) for e in ex]
+    mid = [v for v in fast if 0 < v < 1]
+    assert len(mid) >= 5 and len(set(mid)) >= 5 and max(mid) - min(mid) > 0.3 and 1.0 in fast, fast
+
+
 def test_es_from_logits_by_hand():
-    V, T = 7, 8
-    labels = torch.full((4, T), -100)
-    labels[:, 3:] = torch.tensor([1, 2, 3, 4, 5])  # a 3-token prompt, then n = 5 answer tokens
-    labels[3, 5:] = -100                          # row 3: n = 2, then right padding
-    pred = labels[:, 1:].clamp(min=0).clone()     # what the argmax says at each position
-    pred[1, -1] = 0                               # row 1: the last answer token is wrong -> ES 0
-    pred[2, [3, 5]] = 0                           # row 2: answer tokens 2 and 4 wrong -> k* = 4
-    pred[3, 4:] = 6                               # row 3: garbage on the padding only -> ES 1
+    """The edges, by default (EOS left out: n = 5) and with --es-eos (EOS is y_6), in one padded batch."""
+    V, T, EOS = 8, 9, 7
+    labels = torch.full((9, T), -100)
+    labels[:, 3:] = torch.tensor([1, 2, 3, 4, 5, EOS])  # a 3-token prompt, 5 answer tokens, EOS
+    labels[5, 5:] = torch.tensor([EOS, -100, -100, -100])  # row 5: [1, 2, EOS], then right padding
+    labels[6, 8] = 6                                    # row 6: the answer does not end with EOS
+    labels[7, 3:8] = -100                               # row 7: EOS alone
+    pred = labels[:, 1:].clamp(min=0).clone()           # the argmax at each position; answer token j at j + 1
+    pred[1] = 0                                         # row 1: every token wrong, EOS too
+    pred[2, 6] = 0                                      # row 2: only the last token before EOS wrong
+    pred[3, 2] = 0                                      # row 3: only the first wrong
+    pred[4, 7] = 0                                      # row 4: only EOS wrong
+    pred[5, 2], pred[5, 5:] = 0, EOS                    # row 5: the first wrong, pad == eos predicted on padding
+    pred[6, 7] = 0                                      # row 6: its last token (not EOS) wrong
+    pred[7, 7] = 0                                      # row 7: EOS wrong
+    pred[8, [3, 5]] = 0                                 # row 8: tokens 2 and 4 wrong: k* = 4
     logits = torch.nn.functional.one_hot(torch.cat([pred, pred[:, -1:]], 1), V).float()
-    es = eval_tofu.es_from_logits(logits, labels).tolist()
-    assert es == [1.0, 0.0, 1 - 4 / 5, 1.0]
+    es = eval_tofu.es_from_logits(logits, labels, EOS).tolist()
+    assert es == [1.0, 0.0, 0.0, 1 - 1 / 5, 1.0, 1 - 1 / 2, 0.0, 1.0, 1 - 4 / 5]
+    es_eos = eval_tofu.es_from_logits(logits, labels, EOS, with_eos=True).tolist()
+    assert es_eos == [1.0, 0.0, 1 - 5 / 6, 1 - 1 / 6, 0.0, 1 - 1 / 3, 0.0, 0.0, 1 - 4 / 6]
 
 
 def test_score_does_not_depend_on_batching(tiny):
@@ -286,6 +333,22 @@ def test_fq_against_a_retain_model(tiny_path, tmp_path):
     other = eval_tofu.main(["--model", tiny_path, "--retain-stats", str(tmp_path / "e.json"), "--max-samples", "5",
                             "--max-new-tokens", "4", "--out", str(tmp_path / "e2.json")])
     assert other["forget_quality"] == 1.0  # its own eval.json as --retain-stats: the same numbers
+
+
+def test_es_eos_flag(tiny, tiny_path, tmp_path):
+    """--es-eos reaches every ES and is recorded in eval.json; without it, EOS is left out."""
+    model, tok = tiny
+    retain_stats(tmp_path / "rs.json")
+    argv = ["--model", tiny_path, "--max-samples", "4", "--max-new-tokens", "4", "--retain-stats",
+            str(tmp_path / "rs.json"), "--out", str(tmp_path / "e.json")]
+    rows = eval_tofu.load_sets("forget05", "builtin", 4)["forget"][1]
+    es = []
+    for flag in ([], ["--es-eos"]):
+        d = eval_tofu.main(argv + flag)
+        assert json.load(open(tmp_path / "e.json"))["es_eos"] is d["es_eos"] is bool(flag)
+        es.append(d["per_sample"]["forget"]["es_perturb"])
+        assert es[-1] == eval_tofu.es_exact(model, tok, rows, QA, question="paraphrased_question", with_eos=bool(flag))
+    assert es[0] != es[1]
 
 
 def test_tiny_retain_model_is_built_on_first_use(tmp_path, monkeypatch):
