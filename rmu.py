@@ -5,8 +5,9 @@ pushes the hidden state of layer l at every answer position towards a fixed rand
     L_RMU(theta) = E_{s_u ~ D_u} mean_i (1/d) || phi_l(s_u^<i; theta) - c u ||^2,   u ~ U[0, 1)^d
 
 The squared distance is averaged over the d hidden dimensions (a mean squared error), as in the
-original RMU (Li et al.) and the authors' code; eq. 8 writes ||.||^2, whose sum over d would make
-the objective d times stronger against the regularizer (d = 2048 for phi-1.5, 4096 for Llama-2-7B).
+original RMU (Li et al.; the authors' code averages |.| over d); eq. 8 writes ||.||^2, whose sum
+over d would make the objective d times stronger against the regularizer (d = 2048 for phi-1.5,
+4096 for Llama-2-7B).
 u is drawn once from the seed and, as the paper writes it, not normalised. --layer indexes the
 model's output_hidden_states (0 = embeddings, 1 = after the first decoder layer, ...).
 Defaults: phi-1.5 layer 9 with c 4, Llama-2-7B layer 21 with c 2 (the paper's Section 5);
