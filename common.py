@@ -121,6 +121,7 @@ def add_unlearn_flags(parser):
     a("--reg-weight", type=float, default=1.0, help="weight of the regularizer")
     a("--rr-layer", type=int, default=None, help="hidden state for --reg rr (default: the preset's RMU layer)")
     a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
+    a("--no-save", action="store_true", help="write the run folder's logs but not the model's weights")
 
 
 def check_batch(args, what=None):
@@ -602,21 +603,29 @@ def device_and_dtype():
     return torch.device("cpu"), torch.float32
 
 
-def load_for_unlearning(args, reference: bool):
+def load_for_unlearning(args, reference: bool, loaded: tuple = None):
     """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
     raises UsageError. A layer flag is checked against the model's depth here, and with
     --geffect-every that the decoder layers can be found (decoder_layers). Under torchrun this
-    starts the process group and the models come back sharded (FSDP2)."""
+    starts the process group and the models come back sharded (FSDP2). `loaded`: the same four
+    already in memory (sweep.py runs many configurations in one process): checked, not reloaded."""
     init_distributed()
-    data = split_data(args.split, args.data)
+    if loaded is not None:
+        data, tokenizer, model, ref_model = loaded
+    else:
+        data = split_data(args.split, args.data)
     fit_batch(args, len(data["forget"]))
     check_micro_batches(len(data["forget"]), args)
-    path = model_path(args.model)
-    tokenizer = load_tokenizer(path, args.trust_remote_code)
-    model = load_model(path, args.trust_remote_code)
+    if loaded is None:
+        path = model_path(args.model)
+        tokenizer = load_tokenizer(path, args.trust_remote_code)
+        model = load_model(path, args.trust_remote_code)
     if getattr(args, "geffect_every", 0):
         decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
-    ref_model = load_model(path, args.trust_remote_code, frozen=True) if reference else None
+    if loaded is None:
+        ref_model = load_model(path, args.trust_remote_code, frozen=True) if reference else None
+    elif reference and ref_model is None:
+        raise UsageError("this method needs the original model as a reference, and none was passed")
     n_layers = model.config.num_hidden_layers
     for flag in ("rr_layer", "layer"):
         v = getattr(args, flag, None)
@@ -823,11 +832,14 @@ class Run:
         self.log(row, f"step {step}/{total} | " + " | ".join(f"{k} {show(row[k])}" for k in fields)
                  + f" | tok/s {row['tok_s']:.0f}")
 
-    def save(self, model, tokenizer, extra: dict = None):
+    def save(self, model, tokenizer, extra: dict = None, weights: bool = True):
         """save_pretrained (safetensors) into the run folder and move it into place. Under torchrun
-        the shards are gathered into one full state dict on rank 0, which writes an ordinary folder."""
+        the shards are gathered into one full state dict on rank 0, which writes an ordinary folder.
+        weights=False (--no-save) moves the logs and `extra` into place without the model."""
         state = None
-        if world()[1] > 1:  # collective: every rank takes part, rank 0 receives the full tensors
+        if not weights:
+            model = None
+        elif world()[1] > 1:  # collective: every rank takes part, rank 0 receives the full tensors
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if is_main():
@@ -841,8 +853,9 @@ class Run:
         self._log.close()
         from transformers.utils import logging
         logging.disable_progress_bar()  # one line per saved model is enough
-        model.save_pretrained(self.tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(self.tmp)
+        if model is not None:
+            model.save_pretrained(self.tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(self.tmp)
         for name, obj in (extra or {}).items():
             (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         old = self.out.with_name(self.out.name + ".old")

@@ -26,7 +26,7 @@ def ga_loss(logp, mask, n_tok):
     return loss, dict(inv_conf=inv_conf.item())
 
 
-def main(argv=None):
+def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     parser = common.make_parser(__doc__)
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
@@ -35,7 +35,8 @@ def main(argv=None):
     try:
         common.resolve_flags(args)
         geffect.check_flags(args)
-        data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=args.reg in ("kl", "rr"))
+        data, tokenizer, model, ref_model = common.load_for_unlearning(
+            args, reference=args.reg in ("kl", "rr"), loaded=loaded)
     except common.UsageError as e:
         common.die(str(e))
     args.out = common.default_out(__file__, args)
@@ -86,7 +87,7 @@ def main(argv=None):
         summary.update(es_before=es_before, es_after=es_after)
         print(f"ES-exact forget {es_before['forget']:.4f} -> {es_after['forget']:.4f} | "
               f"retain {es_before['retain']:.4f} -> {es_after['retain']:.4f}")
-    out = run.save(model, tokenizer, extra={"summary.json": summary})
+    out = run.save(model, tokenizer, extra={"summary.json": summary}, weights=not args.no_save)
     print(f"saved {out} ({summary['seconds']:.0f} s)")
     return out
 

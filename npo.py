@@ -32,7 +32,7 @@ def npo_loss(logp, ref_logp, mask, beta, n_rows):
     return loss, dict(weight=(w.sum() / n_rows).item())
 
 
-def main(argv=None):
+def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     parser = common.make_parser(__doc__)
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
@@ -44,7 +44,8 @@ def main(argv=None):
         if args.beta <= 0:
             raise common.UsageError(f"--beta must be positive, got {args.beta}")
         geffect.check_flags(args)
-        data, tokenizer, model, ref_model = common.load_for_unlearning(args, reference=True)
+        data, tokenizer, model, ref_model = common.load_for_unlearning(
+            args, reference=True, loaded=loaded)
     except common.UsageError as e:
         common.die(str(e))
     args.out = common.default_out(__file__, args)
@@ -99,7 +100,7 @@ def main(argv=None):
         summary.update(es_before=es_before, es_after=es_after)
         print(f"ES-exact forget {es_before['forget']:.4f} -> {es_after['forget']:.4f} | "
               f"retain {es_before['retain']:.4f} -> {es_after['retain']:.4f}")
-    out = run.save(model, tokenizer, extra={"summary.json": summary})
+    out = run.save(model, tokenizer, extra={"summary.json": summary}, weights=not args.no_save)
     print(f"saved {out} ({summary['seconds']:.0f} s)")
     return out
 

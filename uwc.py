@@ -11,18 +11,15 @@ they still remove at equal retention. --tol defaults to the preset's: 10% for ti
 5% for Llama-2-7B.
 
     python uwc.py --model out/wga-tiny-forget05 --split forget05     # -> out/wga-tiny-forget05-uwc
-    python uwc.py --table                                            # Table 1 on the built-in set
 
 The mixed model is an ordinary model folder, with uwc.json (lam*, every probe, the final
 metrics) and eval.json; the Table 1 row at lam* is printed. Mixing streams over the
 parameters in place, reading theta_o and theta_u tensor by tensor from their safetensors
-files: the model in memory is the only full copy.
+files: the model in memory is the only full copy. The paper's tuning of every method under UWC
+(Tables 2-10) and its Table 1 built from it: sweep.py.
 """
 import json
-import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -77,6 +74,19 @@ def mix_(model, original: dict, unlearned: dict, lam: float):
             continue
         o = handles[original[name]].get_tensor(name)
         state[name].copy_(o if lam == 0 else o.float().lerp_(u.float(), lam))  # (1 - lam) o + lam u
+
+
+@torch.no_grad()
+def mix_state_(model, original: dict, unlearned: dict, lam: float):
+    """mix_ from tensors in memory ({name: tensor}, e.g. a state_dict and a CPU copy): the same
+    arithmetic, so the same weights as mixing the saved folders."""
+    for name, p in model.state_dict().items():
+        u = unlearned[name]
+        if lam == 1:
+            p.copy_(u)
+            continue
+        o = original[name]
+        p.copy_(o if lam == 0 else torch.lerp(o.float(), u.to(o.device).float(), lam))  # (1 - lam) o + lam u
 
 
 def search(retain_es, target: float, resolution: float = 0.01):
@@ -154,51 +164,6 @@ def run_uwc(args):
     return result
 
 
-# ----------------------------------------------------------------------------- Table 1
-
-TABLE_METHODS = [("GA", "ga"), ("PO", "po"), ("WGA", "wga"), ("NPO", "npo"), ("TNPO", "tnpo"), ("WTNPO", "wtnpo"),
-                 ("RMU", "rmu")]
-
-
-def table(args):
-    """Before-unlearning rows and the seven methods with KL, each followed by UWC, on forget01/05/10
-    of the built-in set (tiny preset); writes out/table1/table1.md."""
-    t0 = time.time()
-    root = common.OUT / "table1"
-    root.mkdir(parents=True, exist_ok=True)
-    py = [sys.executable]
-    lines = ["| setup | method | ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ "
-             "| MU ↑ | log10 FQ ↑ | λ* |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    fmt = lambda s: " | ".join("n/a" if v is None else f"{v:.4f}" for v in (
-        s["es_exact_retain"], s["es_exact_unlearn"], s["es_perturb_retain"], s["es_perturb_unlearn"],
-        s["model_utility"], s["log10_forget_quality"]))
-    es_eos = ["--es-eos"] if args.es_eos else []
-    for split in common.SPLITS:
-        before = eval_tofu.main(["--model", "tiny", "--split", split, "--out", str(root / f"before-{split}.json")]
-                                + es_eos)
-        # the retain-only model's forget truth ratios, once per split, for every method's Forget Quality
-        stats = str(root / f"retain-{split}.json")
-        retain_path = eval_tofu.tiny_retain_model(split)
-        ratios = eval_tofu.forget_truth_ratios(common.load_model(retain_path, frozen=True),
-                                               common.load_tokenizer(retain_path), common.QA_TEMPLATE,
-                                               eval_tofu.load_sets(split, "builtin")["forget"][1])
-        forget = dict(question=before["per_sample"]["forget"]["question"], truth_ratio=ratios)
-        eval_tofu.write_json(stats, dict(split=split, per_sample=dict(forget=forget)))
-        lines.append(f"| {split} | before unlearning | {fmt(before['summary'])} | |")
-        for name, m in TABLE_METHODS:
-            run_dir = root / f"{m}-{split}"
-            subprocess.run(py + [f"{m}.py", "--split", split, "--reg", "kl", "--out", str(run_dir), "--overwrite",
-                                 "--log-every", "100", "--no-eval"], check=True, stdout=subprocess.DEVNULL)
-            r = subprocess.run(py + ["uwc.py", "--model", str(run_dir), "--split", split, "--retain-stats", stats,
-                                     "--overwrite"] + es_eos, check=True, capture_output=True, text=True)
-            res = json.load(open(f"{run_dir}-uwc/uwc.json"))
-            lines.append(f"| {split} | {name} | {fmt(res['summary'])} | {res['lam']:.2f} |")
-            print(lines[-1], flush=True)
-    lines.append(f"\nWall time: {time.time() - t0:.0f} s")
-    (root / "table1.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
 def main(argv=None):
     parser = common.make_parser(__doc__)
     a = parser.add_argument
@@ -213,12 +178,9 @@ def main(argv=None):
     a("--overwrite", action="store_true", help="replace a model already in --out")
     a("--es-eos", action="store_true", help="ES counts the EOS token, in the search and the evaluation: the stricter "
                                             "'must also stop' reading (default: EOS left out, as the authors' ES)")
-    a("--table", action="store_true", help="reproduce Table 1 on the built-in set (tiny preset)")
     args = parser.parse_args(argv)
     try:
         common.single_process("uwc.py")
-        if args.table:
-            return table(args)
         if not args.model or not os.path.isdir(args.model):
             raise common.UsageError(f"--model must be an unlearned run folder, got {args.model!r}")
         if args.split not in common.SPLITS:

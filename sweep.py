@@ -1,0 +1,613 @@
+"""
+Sweep: the paper's experimental protocol, in its two stages (Section 5, Appendix G).
+
+1. Tuning under UWC (Tables 2-10). For each method and split, every value of the method's grid
+   is run with KL, mixed back with the original model by UWC (uwc.py) to the preset's retention,
+   and scored by what it still removes: ES-exact and ES-perturb on the forget rows and the
+   held-out retain rows, after UWC. The grids are the paper's: WGA alpha, NPO and TNPO beta in
+   {0.05, 0.1, 0.5, 0.7, 1, 2, 4, 5, 7, 10}; WTNPO alpha in {0.5, 1, 1.5} x that beta grid
+   (Tables 5-7); RMU c in {0, 1, 2, 4, 5, 7, 10} at a shallow, a middle and a deep hidden state
+   (Tables 8-10: the paper's 11th, 22nd and 33rd of Llama-2-7B's 33, the last being the one
+   before unembedding; here round(k (L+1) / 3) - 1 for k = 1, 2, 3 of the L + 1 states).
+2. Table 1 as the paper builds it: every method at its best value (the lowest unlearn ES-exact
+   after UWC; ties: ES-perturb), the UNMIXED unlearned model, evaluated fully (ES, MU, and FQ
+   against the retain-only model), with KL. Beside it, the same picks after UWC: the comparison
+   at equal retention, which is this project's addition, not the paper's Table 1.
+
+    python sweep.py --method wga --split forget05
+    python sweep.py --method all --split all              # tiny preset, built-in set: all of it
+    python sweep.py --model phi-1.5 --method npo --split forget05 --retain-model RETAIN_FOLDER  # GPU
+
+Everything goes to --out (default out/sweep/<preset>/): sweep.json (every row and the picks),
+tables.md (Tables 2-10 in the paper's layout), table1.md / table1.json, and one figure per
+tuning table (tuning-<method>[-<fixed param>].png). One process: the original model, the data and the reference model are
+loaded once; each configuration starts from the original weights, runs the method script's own
+loop in memory (its main() with `loaded`) and is mixed in memory with theta_o, which the frozen
+reference model holds. A configuration's row is written atomically to runs/<name>/row.json as
+soon as it is done, so a killed sweep started again with the same flags skips what is finished
+and redoes the configuration it was in. Unlearned weights are kept only with --keep.
+"""
+import importlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import common
+import eval_tofu
+import uwc
+
+METHODS = ("ga", "po", "wga", "npo", "tnpo", "wtnpo", "rmu")  # Table 1's order
+NAMES = dict(ga="GA", po="PO", wga="WGA", npo="NPO", tnpo="TNPO", wtnpo="WTNPO", rmu="RMU")
+GRID = (0.05, 0.1, 0.5, 0.7, 1, 2, 4, 5, 7, 10)  # Tables 2-7
+GRIDS = dict(ga={}, po={}, wga=dict(alpha=GRID), npo=dict(beta=GRID), tnpo=dict(beta=GRID),
+             wtnpo=dict(alpha=(0.5, 1, 1.5), beta=GRID), rmu=dict(layer=("shallow", "middle", "deep"),
+                                                                  c=(0, 1, 2, 4, 5, 7, 10)))
+SWEPT = dict(wga="alpha", npo="beta", tnpo="beta", wtnpo="beta", rmu="c")  # what --grid replaces
+# the values each method script accepts (its own checks, said once more so that a bad grid fails first)
+VALID = dict(alpha=(lambda v: v >= 0, ">= 0"), beta=(lambda v: v > 0, "> 0"), c=(lambda v: True, "a number"))
+
+
+def paper_default(method: str, split: str, preset: dict) -> dict:
+    """The paper's stated hyper-parameters (Section 5), which are the method scripts' defaults."""
+    f10 = split == "forget10"
+    return dict(ga={}, po={}, wga=dict(alpha=7.0 if f10 else 5.0), npo=dict(beta=0.5),
+                tnpo=dict(beta=5.0 if f10 else 4.0), wtnpo=dict(alpha=1.5, beta=7.0 if f10 else 5.0),
+                rmu=dict(layer=preset["rmu_layer"], c=preset["rmu_c"]))[method]
+
+
+def rmu_layers(n_layers: int) -> dict:
+    """Shallow, middle and deep hidden state of a model with n_layers decoder layers (states 0..n):
+    the paper's 11th, 22nd and 33rd of 33 (1-based) for Llama-2-7B, scaled: round(k (n+1)/3) - 1."""
+    return {name: round(k * (n_layers + 1) / 3) - 1 for k, name in enumerate(("shallow", "middle", "deep"), 1)}
+
+
+def grid(method: str, args, layers: dict) -> list:
+    """The configurations of one method: a list of params dicts (RMU's layers resolved)."""
+    spec = dict(GRIDS[method])
+    if args.grid and method in SWEPT:
+        spec[SWEPT[method]] = args.grid
+    if method == "wtnpo" and args.wtnpo_alpha:
+        spec["alpha"] = args.wtnpo_alpha
+    if method == "rmu" and args.rmu_layers:
+        spec["layer"] = args.rmu_layers
+    keys = list(spec)
+    out = []
+    for values in itertools.product(*(spec[k] for k in keys)):
+        p = dict(zip(keys, values))
+        if "layer" in p:
+            p["layer"] = layers.get(p["layer"], p["layer"])
+        out.append({k: (int(v) if k == "layer" else float(v)) for k, v in p.items()})
+    return out
+
+
+def name_of(method: str, split: str, params: dict) -> str:
+    return "-".join([method, split] + [f"{k}{v:g}" for k, v in params.items()])
+
+
+def check_params(method: str, params: dict, n_layers: int):
+    for k, v in params.items():
+        if k == "layer":
+            if not 0 <= v <= n_layers:
+                raise common.UsageError(f"RMU layer {v} is out of range: the model has hidden states 0..{n_layers}")
+        elif not (math.isfinite(v) and VALID[k][0](v)):
+            raise common.UsageError(f"{method} rejects {k} = {v:g}: {k} must be {VALID[k][1]}")
+
+
+# ----------------------------------------------------------------------------- in memory
+
+@torch.no_grad()
+def reset_(model, ref_model):
+    """The trainable model back to the original weights theta_o, which the frozen reference holds."""
+    ref = ref_model.state_dict()
+    for k, v in model.state_dict().items():
+        v.copy_(ref[k])
+
+
+@torch.no_grad()
+def snapshot(model) -> dict:
+    """A copy of the weights on the CPU (theta_u, for UWC's mixing and for Table 1)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, shortfall):
+    """Mean ES-exact of `examples` as uwc.py computes it (eval_tofu.score's batches, the mean in row
+    order), but it stops, returning a value below `target`, as soon as the rows left cannot lift
+    the mean to `target` even at ES 1: a probe that UWC's bisection rejects costs a part. The
+    batches go in the order of `shortfall` (batch -> sum of 1 - ES at the last probe), largest
+    first, which is updated: the rows that fell short last time decide a rejection soonest.
+    Returns (mean, complete)."""
+    model.eval()
+    batches = eval_tofu.by_length([len(e["input_ids"]) for e in examples], batch_size)
+    es = [None] * len(examples)
+    done, total = 0, 0.0
+    for b in sorted(range(len(batches)), key=lambda b: -shortfall.get(b, 0.0)):
+        idx = batches[b]  # a row's ES depends on its batch, not on when the batch is scored
+        values = eval_tofu.score(model, tokenizer, [examples[i] for i in idx], batch_size, with_eos=with_eos)[1]
+        for i, v in zip(idx, values):
+            es[i] = v
+        shortfall[b] = len(idx) - sum(values)
+        done, total = done + len(idx), total + sum(values)
+        if (total + (len(examples) - done)) / len(examples) < target - 1e-9:  # margin: float sums differ
+            return total / len(examples), False
+    return eval_tofu.mean(es), True
+
+
+class CachedReference:
+    """The frozen original model, its outputs remembered by input. Every configuration of a split
+    meets the same retain batches (same seed), so KL's reference forward runs once per batch, not
+    once per configuration. Up to `budget` bytes of logits; past that it just runs the model."""
+
+    def __init__(self, model, budget: int = 2 ** 30):
+        self.model, self.budget, self.cache, self.bytes = model, budget, {}, 0
+
+    def __call__(self, input_ids, attention_mask, output_hidden_states=False):
+        if output_hidden_states:  # RR's hidden states are not kept
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        key = (tuple(input_ids.shape), input_ids.cpu().numpy().tobytes(), attention_mask.cpu().numpy().tobytes())
+        if key not in self.cache:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            if self.bytes + logits.nelement() * logits.element_size() > self.budget:
+                return SimpleNamespace(logits=logits)
+            self.cache[key] = logits
+            self.bytes += logits.nelement() * logits.element_size()
+        return SimpleNamespace(logits=self.cache[key])
+
+
+class Sweep:
+    """One process, one preset: the models and data loaded once, configurations run one by one."""
+
+    def __init__(self, args):
+        self.args = args
+        self.path = common.model_path(args.model)
+        self.preset, data, self.template = eval_tofu.model_defaults(args.model, self.path)
+        self.data = args.data or data
+        self.tokenizer = common.load_tokenizer(self.path)
+        self.model = common.load_model(self.path)
+        self.ref_model = common.load_model(self.path, frozen=True)  # theta_o, for KL and for mixing
+        self.n_layers = self.model.config.num_hidden_layers
+        self.layers = rmu_layers(self.n_layers)
+        self.tol = args.tol if args.tol is not None else common.PRESETS.get(self.preset, common.OTHER)["uwc_tol"]
+        self.splits = {}
+        self.cached_ref = None  # the reference with a cache, for the split being swept
+        self.kept = {}  # (method, split) -> (params, theta_u) of the best configuration so far
+
+    def split(self, split: str) -> dict:
+        """The split's rows, encoded sets and the original model's ES (the 'before unlearning' row)."""
+        if split not in self.splits:
+            d = common.split_data(split, self.data)
+            sets = eval_tofu.load_sets(split, self.data)
+            enc = lambda rows, q="question": common.encode_rows(self.tokenizer, self.template, rows, question=q)
+            s = dict(data=d, sets=sets, retain=enc(d["retain_eval"]), forget=enc(d["forget"]),
+                     retain_perturb=enc(sets["retain"][1], "paraphrased_question"),
+                     forget_perturb=enc(sets["forget"][1], "paraphrased_question"))
+            self.splits[split] = s
+            s["before"] = self.scores(s)
+            s["target"] = s["before"]["es_exact_retain"] * (1 - self.tol)
+            s["shortfall"] = {}  # retain_es_probe's batch order, carried from probe to probe
+        return self.splits[split]
+
+    def scores(self, s: dict, retain: float = None) -> dict:
+        """The four ES values of the model as it is now (its eval mode on); `retain`: ES-exact on the
+        held-out rows when UWC's search has measured it already."""
+        self.model.eval()
+        es = lambda ex: eval_tofu.mean(eval_tofu.score(self.model, self.tokenizer, ex, self.args.batch_size,
+                                                       with_eos=self.args.es_eos)[1])
+        return dict(es_exact_retain=es(s["retain"]) if retain is None else retain, es_exact_unlearn=es(s["forget"]),
+                    es_perturb_retain=es(s["retain_perturb"]), es_perturb_unlearn=es(s["forget_perturb"]))
+
+    def unlearn(self, method: str, split: str, params: dict, run_dir: Path, keep: bool) -> dict:
+        """Run the method script's loop on the original weights, in memory; returns theta_u."""
+        a = self.args
+        argv = ["--model", a.model, "--data", self.data, "--template", self.template, "--split", split,
+                "--reg", "kl", "--seed", str(a.seed), "--out", str(run_dir), "--overwrite", "--no-eval",
+                "--log-every", "1000000"] + ([] if keep else ["--no-save"])
+        argv += [x for k, v in (("--lr", a.lr), ("--epochs", a.epochs)) if v is not None for x in (k, f"{v:g}")]
+        argv += [x for k, v in params.items() for x in (f"--{k}", f"{v:g}")]
+        reset_(self.model, self.ref_model)
+        if self.cached_ref is None or self.cached_ref.split != split:  # one split's batches at a time
+            self.cached_ref = CachedReference(self.ref_model)
+            self.cached_ref.split = split
+        loaded = (self.split(split)["data"], self.tokenizer, self.model, self.cached_ref)
+        with redirect_stdout(open(os.devnull, "w")):  # the run's numbers are in its log.jsonl
+            importlib.import_module(method).main(argv, loaded=loaded)
+        return snapshot(self.model)
+
+    def config(self, method: str, split: str, params: dict) -> dict:
+        """One row of Tables 2-10: unlearn, search lam* on the held-out retain rows, score at lam*."""
+        t0 = time.time()
+        s = self.split(split)
+        run_dir = self.runs / name_of(method, split, params)
+        theta_u = self.unlearn(method, split, params, run_dir, self.args.keep)
+        t_unlearn = time.time() - t0
+        theta_o = self.ref_model.state_dict()
+        probes = {}
+
+        def retain_es(lam):
+            uwc.mix_state_(self.model, theta_o, theta_u, lam)
+            es, complete = retain_es_probe(self.model, self.tokenizer, s["retain"], s["target"],
+                                           self.args.batch_size, self.args.es_eos, s["shortfall"])
+            probes[lam] = es if complete else None
+            return es
+
+        lam, _ = uwc.search(retain_es, s["target"])
+        uwc.mix_state_(self.model, theta_o, theta_u, lam)
+        scores = dict(s["before"]) if lam == 0 else self.scores(s, probes.get(lam))  # lam 0: theta_o exactly
+        row = dict(method=method, split=split, params=params, lam=lam, **scores,
+                   probes=len(probes), seconds=round(time.time() - t0, 2), seconds_unlearn=round(t_unlearn, 2))
+        key = (method, split)
+        best = self.kept.get(key)
+        if best is None or rank(row) < rank(best[0]):
+            self.kept[key] = (row, theta_u)  # Table 1 needs the unmixed model of the pick
+        return row
+
+    def table1_row(self, method: str, split: str, params: dict, fq_ref) -> dict:
+        """The full evaluation (ES, MU, FQ) of the unmixed model at `params` (method None: the original)."""
+        s = self.split(split)
+        if method is None:
+            reset_(self.model, self.ref_model)
+        else:
+            kept = self.kept.get((method, split))
+            if kept is not None and kept[0]["params"] == params:
+                theta_u = kept[1]
+            else:  # resumed: the pick's weights were not kept, so its run is made again (same seed, same weights)
+                theta_u = self.unlearn(method, split, params, self.runs / name_of(method, split, params), False)
+            uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
+        res = eval_tofu.evaluate(self.model, self.tokenizer, s["sets"], self.template, self.args.batch_size,
+                                 progress=False, with_eos=self.args.es_eos)
+        m = res["metrics"]
+        fq = None if fq_ref is None else eval_tofu.forget_quality(res["per_sample"]["forget"]["truth_ratio"], fq_ref)
+        return dict(method=method, split=split, params=params, es_exact_retain=m["retain"]["es_exact"],
+                    es_exact_unlearn=m["forget"]["es_exact"], es_perturb_retain=m["retain"]["es_perturb"],
+                    es_perturb_unlearn=m["forget"]["es_perturb"], model_utility=res["model_utility"],
+                    log10_forget_quality=None if fq is None else (math.log10(fq) if fq > 0 else -math.inf))
+
+
+def rank(row: dict) -> tuple:
+    """The pick's rule: the lowest unlearn ES-exact after UWC, then the lowest unlearn ES-perturb."""
+    return row["es_exact_unlearn"], row["es_perturb_unlearn"]
+
+
+# ----------------------------------------------------------------------------- Forget Quality's reference
+
+def fq_reference(sweep: Sweep, split: str):
+    """The retain-only model's forget truth ratios for `split`, or None (FQ n/a): --retain-stats or
+    --retain-model ({split} in either is replaced by the split), else the tiny preset's own."""
+    a = sweep.args
+    pert = sweep.split(split)["sets"]["forget"][1]
+    if a.retain_stats:
+        q, r = eval_tofu.read_retain_stats(a.retain_stats.replace("{split}", split), split)
+        if q[:len(pert)] != [p["question"] for p in pert]:
+            raise common.UsageError(f"--retain-stats for {split} was computed on other forget rows")
+        return r[:len(pert)]
+    path = a.retain_model and a.retain_model.replace("{split}", split)
+    if path is None and sweep.preset == "tiny" and sweep.data == "builtin":
+        path = eval_tofu.tiny_retain_model(split)
+    if path is None:
+        return None
+    path = common.model_path(path)
+    return eval_tofu.forget_truth_ratios(common.load_model(path, frozen=True), common.load_tokenizer(path),
+                                         sweep.template, pert, a.batch_size)
+
+
+# ----------------------------------------------------------------------------- tables and figures
+
+COLS = ("es_exact_retain", "es_exact_unlearn", "es_perturb_retain", "es_perturb_unlearn")
+HEAD = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ |"
+
+
+def fmt(v):
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def tuning_tables(rows: list, before: dict, layers: dict) -> list:
+    """Tables 2-10: (title, param, fixed params, {split: [rows sorted by the param]}) of what is on disk."""
+    out = []
+    specs = [("wga", "alpha", {}), ("npo", "beta", {}), ("tnpo", "beta", {})]
+    specs += [("wtnpo", "beta", dict(alpha=a)) for a in sorted({r["params"]["alpha"] for r in rows
+                                                                if r["method"] == "wtnpo"})]
+    specs += [("rmu", "c", dict(layer=l)) for l in sorted({r["params"]["layer"] for r in rows if r["method"] == "rmu"})]
+    where = {v: k for k, v in layers.items()}
+    for method, param, fixed in specs:
+        sel = [r for r in rows if r["method"] == method and all(r["params"].get(k) == v for k, v in fixed.items())]
+        if not sel:
+            continue
+        title = NAMES[method] + "".join(f" ({k} = {v:g})" for k, v in fixed.items() if k != "layer")
+        if "layer" in fixed:
+            title += f" (hidden state {fixed['layer']}" + (f", {where[fixed['layer']]})" if fixed["layer"] in where
+                                                          else ")")
+        by_split = {sp: sorted([r for r in sel if r["split"] == sp], key=lambda r: r["params"][param])
+                    for sp in common.SPLITS if any(r["split"] == sp for r in sel)}
+        out.append((title, param, method, fixed, by_split))
+    return out
+
+
+def paper_table(method: str, fixed: dict, layers: dict):
+    """The number of the paper's table that a tuning table corresponds to, or None."""
+    if method in ("wga", "npo", "tnpo"):
+        return dict(wga=2, npo=3, tnpo=4)[method]
+    if method == "wtnpo" and fixed["alpha"] in (0.5, 1, 1.5):
+        return {0.5: 5, 1: 6, 1.5: 7}[fixed["alpha"]]
+    if method == "rmu" and fixed["layer"] in layers.values():
+        return 8 + list(layers.values()).index(fixed["layer"])
+    return None
+
+
+def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: list):
+    """sweep.json, tables.md, table1.md/.json and the figures, each written atomically."""
+    before = {sp: s["before"] for sp, s in sweep.splits.items()}
+    tables = tuning_tables(rows, before, sweep.layers)
+    md = [f"# UWC tuning ({sweep.preset or sweep.path}, data {sweep.data}, KL, tol {sweep.tol:g})\n",
+          "Values after UWC (the paper's Appendix G layout); λ* is the mixing weight UWC found.\n"]
+    for title, param, method, fixed, by_split in tables:
+        number = paper_table(method, fixed, sweep.layers)
+        stem = "tuning-" + "-".join([method] + [f"{k}{v:g}" for k, v in fixed.items()])
+        md += [f"## {title}" + (f" (the paper's Table {number})" if number else "") + "\n",
+               f"![{title}]({stem}.png)\n", f"| setup | {param} {HEAD} λ* |", "| --- " * 7 + "|"]
+        for sp, rs in by_split.items():
+            b = before.get(sp)
+            if b:
+                md.append(f"| {sp} | before unlearning | " + " | ".join(fmt(b[c]) for c in COLS) + " | |")
+            md += [f"| {sp} | {r['params'][param]:g} | " + " | ".join(fmt(r[c]) for c in COLS) + f" | {r['lam']:.2f} |"
+                   for r in rs]
+        md.append("")
+        figure(root / f"{stem}.png", title, param, by_split, before)
+    md += ["## The picks\n", "| split | method | pick (lowest ES-exact unlearn) | paper's default | same |",
+           "| --- | --- | --- | --- | --- |"]
+    for (m, sp), p in sorted(picks.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+        show = lambda d: ", ".join(f"{k} {v:g}" for k, v in d.items()) or "—"
+        md.append(f"| {sp} | {NAMES[m]} | {show(p['params'])} | {show(p['paper_default'])} | "
+                  f"{'yes' if p['params'] == p['paper_default'] else 'no'} |")
+    atomic_text(root / "tables.md", "\n".join(md) + "\n")
+    eval_tofu.write_json(str(root / "sweep.json"), dict(
+        settings=settings(sweep), rmu_layers=sweep.layers, before=before, rows=rows,
+        best={f"{m}/{sp}": p for (m, sp), p in picks.items()}))
+    if table1:
+        t = ["| setup | method | params " + HEAD + " MU ↑ | log10 FQ ↑ |", "| --- " * 9 + "|"]
+        uwc_t = ["| setup | method | params " + HEAD + " λ* |", "| --- " * 8 + "|"]
+        by_key = {(r["method"], r["split"], json.dumps(r["params"])): r for r in rows}
+        for r in table1:
+            p = ", ".join(f"{k} {v:g}" for k, v in r["params"].items())
+            name = "before unlearning" if r["method"] is None else NAMES[r["method"]]
+            t.append(f"| {r['split']} | {name} | {p} | " + " | ".join(fmt(r[c]) for c in COLS)
+                     + f" | {fmt(r['model_utility'])} | {fmt(r['log10_forget_quality'])} |")
+            u = by_key.get((r["method"], r["split"], json.dumps(r["params"])))
+            if r["method"] is None:
+                uwc_t.append(f"| {r['split']} | before unlearning | | " + " | ".join(fmt(r[c]) for c in COLS) + " | |")
+            elif u is not None:
+                uwc_t.append(f"| {r['split']} | {name} | {p} | " + " | ".join(fmt(u[c]) for c in COLS)
+                             + f" | {u['lam']:.2f} |")
+        text = ["# Table 1 as the paper builds it: each method at its pick, unmixed, with KL\n"] + t + [
+            "\n# The same picks after UWC (this project's comparison at equal retention, not the paper's Table 1)\n"
+        ] + uwc_t
+        atomic_text(root / "table1.md", "\n".join(text) + "\n")
+        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), rows=table1))
+
+
+def figure(path: Path, title: str, param: str, by_split: dict, before: dict):
+    """Unlearn ES-exact and ES-perturb after UWC against the hyper-parameter, one line per split,
+    the original model's level dashed in the split's colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, col, label in zip(axes, ("es_exact_unlearn", "es_perturb_unlearn"), ("ES-exact", "ES-perturb")):
+        for k, (sp, rs) in enumerate(by_split.items()):
+            color = f"C{k}"
+            ax.plot([r["params"][param] for r in rs], [r[col] for r in rs], "o-", color=color, label=sp)
+            if sp in before:
+                ax.axhline(before[sp][col], color=color, ls="--", lw=1, label=f"{sp} before unlearning")
+        ax.set_xscale("symlog", linthresh=0.1 if param != "c" else 1)
+        ax.set_xlabel(param)
+        ax.set_title(f"{label} unlearn after UWC ↓")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ES on the forget rows")
+    fig.suptitle(title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12 if len(labels) > 3 else 0.08, 1, 1))
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def atomic_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def settings(sweep: Sweep) -> dict:
+    """What a row's numbers depend on besides its method, split and params: a resumed sweep must match."""
+    a = sweep.args
+    return dict(model=a.model, path=sweep.path, data=sweep.data, template=sweep.template, tol=sweep.tol,
+                es_eos=a.es_eos, seed=a.seed, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, reg="kl")
+
+
+def load_rows(root: Path, want: dict) -> list:
+    """Every finished configuration's row under root/runs whose settings are `want`."""
+    rows = []
+    for f in sorted((root / "runs").glob("*/row.json")):
+        r = json.loads(f.read_text())
+        if r.pop("settings") == want:
+            rows.append(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------- the command
+
+def parse_layers(text: str) -> tuple:
+    out = []
+    for x in (x.strip() for x in text.split(",") if x.strip()):
+        if x not in ("shallow", "middle", "deep") and not x.isdigit():
+            raise common.UsageError(f"--rmu-layers takes hidden-state numbers or shallow, middle, deep; got '{x}'")
+        out.append(x if not x.isdigit() else int(x))
+    return tuple(out)
+
+
+def parse_list(text: str, cast=float) -> tuple:
+    try:
+        return tuple(cast(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise common.UsageError(f"cannot read the list '{text}': give comma-separated numbers")
+
+
+def main(argv=None):
+    parser = common.make_parser(__doc__)
+    a = parser.add_argument
+    a("--model", default="tiny", help=f"preset ({', '.join(common.PRESETS)}), hub id or local model folder")
+    a("--data", default=None, help="'builtin', a hub id or a folder of <config>.json files (default: the preset's)")
+    a("--method", default="wga", help=f"one of {', '.join(METHODS)}, or all")
+    a("--split", default="forget05", help="forget01, forget05, forget10, or all")
+    a("--grid", default=None, help="comma-separated values replacing the swept hyper-parameter's grid "
+                                   "(WGA alpha, NPO/TNPO/WTNPO beta, RMU c)")
+    a("--wtnpo-alpha", default=None, help="WTNPO's alpha values (default: 0.5,1,1.5, Tables 5-7)")
+    a("--rmu-layers", default=None, help="RMU's hidden states (default: shallow, middle and deep, printed)")
+    a("--tol", type=float, default=None, help="UWC's allowed drop of retain ES-exact (default: the preset's)")
+    a("--lr", type=float, default=None, help="unlearning learning rate (default: the preset's)")
+    a("--epochs", type=float, default=None, help="unlearning epochs (default: the preset's, 5)")
+    a("--seed", type=int, default=0, help="random seed of every configuration")
+    a("--batch-size", type=int, default=64, help="rows per forward pass of the evaluation")
+    a("--retain-model", default=None, help="retain-only model for Forget Quality ({split} is replaced by the "
+                                           "split; default for tiny on the built-in set: out/tiny/retainXX)")
+    a("--retain-stats", default=None, help="the retain-only model's eval.json instead ({split} replaced too)")
+    a("--es-eos", action="store_true", help="ES counts the EOS token (the stricter reading; see eval_tofu.py)")
+    a("--no-table1", action="store_true", help="tuning tables only: skip Table 1's full evaluations")
+    a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
+    a("--out", default=None, help="output folder (default: out/sweep/<preset>)")
+    args = parser.parse_args(argv)
+    try:
+        common.single_process("sweep.py")
+        methods = METHODS if args.method == "all" else (args.method,)
+        if args.method != "all" and args.method not in METHODS:
+            raise common.UsageError(f"unknown method '{args.method}' (choose from {', '.join(METHODS)}, all)")
+        splits = common.SPLITS if args.split == "all" else (args.split,)
+        if args.split != "all" and args.split not in common.SPLITS:
+            raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)}, all)")
+        if args.retain_model and args.retain_stats:
+            raise common.UsageError("give --retain-model or --retain-stats, not both")
+        if args.tol is not None and not 0 <= args.tol < 1:
+            raise common.UsageError(f"--tol must be in [0, 1), got {args.tol}")
+        if args.batch_size < 1 or (args.lr is not None and not args.lr > 0) or (
+                args.epochs is not None and not args.epochs > 0):
+            raise common.UsageError("--batch-size must be >= 1 and --lr, --epochs positive")
+        args.grid = args.grid and parse_list(args.grid)
+        args.wtnpo_alpha = args.wtnpo_alpha and parse_list(args.wtnpo_alpha)
+        args.rmu_layers = args.rmu_layers and parse_layers(args.rmu_layers)
+        if args.model not in common.PRESETS and common.missing_folder(args.model):
+            raise common.UsageError(f"model folder '{args.model}' does not exist")
+        for sp in splits:  # the data must be there before anything is trained
+            common.split_data(sp, args.data or eval_tofu.model_defaults(args.model, args.model)[1])
+        sweep = Sweep(args)
+        preset = common.PRESETS.get(sweep.preset, common.OTHER)
+        configs = [(m, sp, p) for sp in splits for m in methods for p in grid(m, args, sweep.layers)]
+        for m, sp, p in configs:
+            check_params(m, p, sweep.n_layers)
+        for sp in splits if args.retain_model else ():
+            m = args.retain_model.replace("{split}", sp)
+            if m not in common.PRESETS and common.missing_folder(m):
+                raise common.UsageError(f"--retain-model folder '{m}' does not exist")
+    except common.UsageError as e:
+        common.die(str(e))
+    root = Path(args.out or common.OUT / "sweep" / (sweep.preset or Path(sweep.path).name))
+    sweep.runs = root / "runs"
+    sweep.runs.mkdir(parents=True, exist_ok=True)
+    want = settings(sweep)
+    print(f"sweep {sweep.path} | data {sweep.data} | KL | UWC tol {sweep.tol:g} | RMU hidden states "
+          + ", ".join(f"{k} {v}" for k, v in sweep.layers.items()) + f" of 0..{sweep.n_layers} | -> {root}", flush=True)
+
+    # stage 1: the tuning grid (configurations already on disk with these settings are skipped)
+    rows = load_rows(root, want)
+    done = {name_of(r["method"], r["split"], r["params"]) for r in rows}
+    todo = [c for c in configs if name_of(*c) not in done]
+    picks = {}
+    pairs = [(m, sp) for sp in splits for m in methods]
+    t1_todo = [] if args.no_table1 else [(None, sp) for sp in splits] + pairs
+    t1_dir = root / "table1"
+    t1_dir.mkdir(exist_ok=True)
+    t1_file = lambda m, sp: t1_dir / f"{sp}-{m or 'before'}.json"
+    from tqdm import tqdm
+    print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; "
+          f"{len(t1_todo)} full evaluations for Table 1", flush=True)
+    bar = tqdm(total=len(todo) + len(t1_todo), desc="sweep", unit="run", dynamic_ncols=True)
+    current = None
+    try:
+        for m, sp, p in todo:
+            current = sweep.runs / name_of(m, sp, p)
+            bar.set_postfix_str(current.name)
+            row = sweep.config(m, sp, p)
+            run_dir = current
+            if not run_dir.is_dir():  # --no-save moves the logs into place; make sure the folder exists
+                run_dir.mkdir(parents=True)
+            eval_tofu.write_json(str(run_dir / "row.json"), dict(row, settings=want))
+            rows.append(row)
+            bar.update(1)
+            bar.write(f"{current.name}: λ* {row['lam']:.2f} | ES-exact unlearn {row['es_exact_unlearn']:.4f} | "
+                      f"retain {row['es_exact_retain']:.4f} | {row['seconds']:.0f} s")
+        current = None
+        for m, sp in pairs:
+            sel = [r for r in rows if r["method"] == m and r["split"] == sp]
+            best = min(sel, key=rank)
+            picks[(m, sp)] = dict(params=best["params"], paper_default=paper_default(m, sp, preset),
+                                  es_exact_unlearn=best["es_exact_unlearn"], lam=best["lam"])
+        # stage 2: Table 1, each method at its pick, unmixed, evaluated fully
+        table1 = []
+        refs = {}
+        for m, sp in [(None, sp) for sp in splits] + pairs:
+            f = t1_file(m, sp)
+            params = {} if m is None else picks[(m, sp)]["params"]
+            old = json.loads(f.read_text()) if f.is_file() else None
+            if old is not None and old.pop("settings") == want and old["params"] == params:
+                table1.append(old)
+                if (m, sp) in t1_todo:
+                    bar.update(1)
+                continue
+            if args.no_table1:
+                continue
+            bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before')}")
+            if sp not in refs:
+                refs[sp] = fq_reference(sweep, sp)
+            r = sweep.table1_row(m, sp, params, refs[sp])
+            eval_tofu.write_json(str(f), dict(r, settings=want))
+            table1.append(r)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        if current is not None:  # the configuration in progress: its half-written run folder goes
+            shutil.rmtree(current.with_name(current.name + ".tmp"), ignore_errors=True)
+        print(f"sweep.py: interrupted: {len(rows)} finished configurations are in {root}; "
+              f"run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
+    except common.UsageError as e:
+        common.die(str(e))
+    bar.close()
+    all_rows = load_rows(root, want)
+    for (m, sp) in {(r["method"], r["split"]) for r in all_rows} - set(picks):
+        best = min([r for r in all_rows if r["method"] == m and r["split"] == sp], key=rank)
+        picks[(m, sp)] = dict(params=best["params"], paper_default=paper_default(m, sp, preset),
+                              es_exact_unlearn=best["es_exact_unlearn"], lam=best["lam"])
+    for sp in {r["split"] for r in all_rows}:
+        sweep.split(sp)  # the before-unlearning levels of every split on disk, for the tables
+    t1_all = [json.loads(f.read_text()) for f in sorted(t1_dir.glob("*.json"))]
+    t1_all = [dict(r) for r in t1_all if r.pop("settings") == want and (r["method"] is None or
+              picks.get((r["method"], r["split"]), {}).get("params") == r["params"])]
+    order = lambda r: (common.SPLITS.index(r["split"]), -1 if r["method"] is None else METHODS.index(r["method"]))
+    write_outputs(root, sweep, sorted(all_rows, key=lambda r: (r["method"], r["split"])), picks,
+                  sorted(t1_all, key=order))
+    print((root / "table1.md").read_text() if (root / "table1.md").is_file() else "")
+    print(f"wrote {root}/sweep.json, tables.md" + (", table1.md" if t1_all else ""))
+    return root
+
+
+if __name__ == "__main__":
+    common.cli(main)

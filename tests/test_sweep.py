@@ -1,0 +1,154 @@
+"""sweep.py: one configuration equals the method script followed by uwc.py, Table 1's row equals
+eval_tofu.py on the kept model, a killed sweep resumes to the same result, bad input writes nothing."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sweep
+import uwc
+from conftest import ROOT, run_script
+
+SCORES = ("es_exact_retain", "es_exact_unlearn", "es_perturb_retain", "es_perturb_unlearn")
+
+
+def retain_stats(path, split="forget01"):
+    """A made-up retain-only reference for Forget Quality (the real one takes minutes to fine-tune)."""
+    import common
+    questions = [r["question"] for r in common.load_tofu(split)]
+    path.write_text(json.dumps(dict(split=split, per_sample=dict(forget=dict(
+        question=questions, truth_ratio=[0.4 + 0.05 * i for i in range(len(questions))])))))
+    return str(path)
+
+
+def rows(folder):
+    """sweep.json's rows without their timings."""
+    drop = ("seconds", "seconds_unlearn")
+    return [{k: v for k, v in r.items() if k not in drop} for r in json.load(open(folder / "sweep.json"))["rows"]]
+
+
+def test_one_configuration_equals_the_script_and_uwc(tmp_path):
+    # GA on forget01 with a 2% tolerance: the search has to bisect, so the mixing is exercised
+    r = run_script("sweep.py", "--method", "ga", "--split", "forget01", "--tol", "0.02", "--no-table1",
+                   "--out", str(tmp_path / "sw"))
+    assert r.returncode == 0, r.stderr
+    (row,) = rows(tmp_path / "sw")
+    assert row["method"] == "ga" and row["params"] == {} and 0 < row["lam"] < 1
+    r = run_script("ga.py", "--split", "forget01", "--reg", "kl", "--no-eval", "--out", str(tmp_path / "ga"))
+    assert r.returncode == 0, r.stderr
+    r = run_script("uwc.py", "--model", str(tmp_path / "ga"), "--split", "forget01", "--tol", "0.02",
+                   "--retain-stats", retain_stats(tmp_path / "stats.json"))
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(tmp_path / "ga-uwc" / "uwc.json"))
+    assert row["lam"] == res["lam"]
+    for k in SCORES:  # the same weights, the same batches: equal, not close
+        assert row[k] == res["summary"][k], k
+
+
+def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
+    stats = retain_stats(tmp_path / "stats-forget01.json")
+    out = tmp_path / "sw"
+    r = run_script("sweep.py", "--method", "npo", "--split", "forget01", "--grid", "0.5,4", "--tol", "0.02",
+                   "--keep", "--retain-stats", str(tmp_path / "stats-{split}.json"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    sw = json.load(open(out / "sweep.json"))
+    best = min(sw["rows"], key=lambda r: (r["es_exact_unlearn"], r["es_perturb_unlearn"]))
+    assert sw["best"]["npo/forget01"]["params"] == best["params"]
+    assert sw["best"]["npo/forget01"]["paper_default"] == {"beta": 0.5}
+    t1 = json.load(open(out / "table1.json"))["rows"]
+    assert [x["method"] for x in t1] == [None, "npo"] and t1[1]["params"] == best["params"]
+    # the kept run folder holds the model before UWC: eval_tofu.py on it gives Table 1's row
+    kept = out / "runs" / sweep.name_of("npo", "forget01", best["params"])
+    r = run_script("eval_tofu.py", "--model", str(kept), "--split", "forget01", "--retain-stats", stats,
+                   "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(tmp_path / "eval.json"))["summary"]
+    for k in SCORES + ("model_utility", "log10_forget_quality"):
+        assert t1[1][k] == pytest.approx(summary[k], abs=1e-12), k
+    assert best["lam"] < 1 and t1[1]["es_exact_retain"] < best["es_exact_retain"]  # unmixed: not UWC's row
+    md = (out / "table1.md").read_text()
+    assert "| forget01 | NPO |" in md and "after UWC" in md
+    tables = (out / "tables.md").read_text()
+    assert "## NPO (the paper's Table 3)" in tables
+    assert all(f"| forget01 | {v} |" in tables for v in ("before unlearning", "0.5", "4"))
+    assert (out / "tuning-npo.png").stat().st_size > 10_000
+
+
+def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
+    args = ["sweep.py", "--method", "wga", "--split", "forget01", "--grid", "1,5,10", "--tol", "0.02",
+            "--no-table1"]
+    r = run_script(*args, "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "b"
+    p = subprocess.Popen([sys.executable, *args, "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("runs/*/row.json")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and not list(out.glob("runs/*.tmp")) and not list(out.rglob("*.json.tmp"))
+    assert 1 <= len(list(out.glob("runs/*/row.json"))) < 3
+    r = run_script(*args, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "already done" in r.stdout and not r.stdout.startswith("3 configurations, 0 already done")
+    assert rows(out) == rows(tmp_path / "a")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "sgd"], "unknown method 'sgd'"),
+    (["--split", "forget50"], "unknown split 'forget50'"),
+    (["--method", "npo", "--grid", "0.5,0"], "npo rejects beta = 0"),
+    (["--method", "wga", "--grid", "-1"], "wga rejects alpha = -1"),
+    (["--method", "rmu", "--rmu-layers", "2,9"], "RMU layer 9 is out of range"),
+    (["--method", "npo", "--grid", "0.5,x"], "comma-separated numbers"),
+])
+def test_bad_input_writes_nothing(tmp_path, flags, message):
+    out = tmp_path / "sw"
+    r = run_script("sweep.py", *flags, "--out", str(out))
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_rmu_layers_scale_the_papers_11_22_33_of_33():
+    assert sweep.rmu_layers(32) == dict(shallow=10, middle=21, deep=32)  # Llama-2-7B: the paper's own
+    assert sweep.rmu_layers(24) == dict(shallow=7, middle=16, deep=24)  # phi-1.5
+    assert sweep.rmu_layers(6) == dict(shallow=1, middle=4, deep=6)  # the tiny preset
+
+
+def test_grid_is_the_papers():
+    import argparse
+    a = argparse.Namespace(grid=None, wtnpo_alpha=None, rmu_layers=None)
+    layers = sweep.rmu_layers(6)
+    assert [p["alpha"] for p in sweep.grid("wga", a, layers)] == [0.05, 0.1, 0.5, 0.7, 1, 2, 4, 5, 7, 10]
+    assert len(sweep.grid("wtnpo", a, layers)) == 30 and sweep.grid("ga", a, layers) == [{}]
+    rmu = sweep.grid("rmu", a, layers)
+    assert len(rmu) == 21 and {p["layer"] for p in rmu} == {1, 4, 6} and {p["c"] for p in rmu} == {0, 1, 2, 4, 5, 7, 10}
+    a.grid = (2.0, 3.0)
+    assert sweep.grid("npo", a, layers) == [{"beta": 2.0}, {"beta": 3.0}]
+
+
+def test_rank_breaks_ties_on_es_perturb():
+    rows_ = [dict(es_exact_unlearn=0.1, es_perturb_unlearn=0.3), dict(es_exact_unlearn=0.1, es_perturb_unlearn=0.2),
+             dict(es_exact_unlearn=0.2, es_perturb_unlearn=0.0)]
+    assert min(rows_, key=sweep.rank) is rows_[1]
+
+
+def test_mixing_in_memory_equals_mixing_the_saved_folders(tmp_path, tiny_path):
+    import common
+    r = run_script("ga.py", "--max-steps", "2", "--lr", "0.01", "--no-eval", "--out", str(tmp_path / "ga"))
+    assert r.returncode == 0, r.stderr
+    a, b = common.load_model(tiny_path, frozen=True), common.load_model(tiny_path, frozen=True)
+    theta_o = common.load_model(tiny_path, frozen=True).state_dict()
+    theta_u = common.load_model(str(tmp_path / "ga"), frozen=True).state_dict()
+    files_o, files_u = uwc.safetensors_files(tiny_path), uwc.safetensors_files(str(tmp_path / "ga"))
+    for lam in (0.0, 0.37, 1.0):
+        uwc.mix_(a, files_o, files_u, lam)
+        uwc.mix_state_(b, theta_o, theta_u, lam)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert any(not torch.equal(x, y) for x, y in zip(theta_o.values(), theta_u.values()))
