@@ -360,11 +360,15 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
                    for r in rs]
         md.append("")
         figure(root / f"{stem}.png", title, param, by_split, before)
-    md += ["## The picks\n", "| split | method | pick (lowest ES-exact unlearn) | paper's default | same |",
-           "| --- | --- | --- | --- | --- |"]
+    md += ["## The picks\n", "The lowest unlearn ES-exact after UWC (ties: ES-perturb), against the paper's stated "
+           "default (Section 5) and its value in the grid, where the grid has it.\n",
+           "| split | method | pick | ES-exact unlearn | paper's default | ES-exact unlearn | same |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for (m, sp), p in sorted(picks.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
         show = lambda d: ", ".join(f"{k} {v:g}" for k, v in d.items()) or "—"
-        md.append(f"| {sp} | {NAMES[m]} | {show(p['params'])} | {show(p['paper_default'])} | "
+        at_default = p["paper_default_es_exact_unlearn"]
+        md.append(f"| {sp} | {NAMES[m]} | {show(p['params'])} | {p['es_exact_unlearn']:.4f} | "
+                  f"{show(p['paper_default'])} | {'not in the grid' if at_default is None else f'{at_default:.4f}'} | "
                   f"{'yes' if p['params'] == p['paper_default'] else 'no'} |")
     atomic_text(root / "tables.md", "\n".join(md) + "\n")
     eval_tofu.write_json(str(root / "sweep.json"), dict(
@@ -406,6 +410,9 @@ def figure(path: Path, title: str, param: str, by_split: dict, before: dict):
             if sp in before:
                 ax.axhline(before[sp][col], color=color, ls="--", lw=1, label=f"{sp} before unlearning")
         ax.set_xscale("symlog", linthresh=0.1 if param != "c" else 1)
+        values = sorted({r["params"][param] for rs in by_split.values() for r in rs})
+        ax.set_xticks(values, [f"{v:g}" for v in values], fontsize=7)
+        ax.minorticks_off()
         ax.set_xlabel(param)
         ax.set_title(f"{label} unlearn after UWC ↓")
         ax.set_ylim(-0.02, 1.02)
@@ -513,6 +520,11 @@ def main(argv=None):
         configs = [(m, sp, p) for sp in splits for m in methods for p in grid(m, args, sweep.layers)]
         for m, sp, p in configs:
             check_params(m, p, sweep.n_layers)
+        if len(splits) > 1 and "{split}" not in (args.retain_model or args.retain_stats or "{split}"):
+            raise common.UsageError("with --split all, put {split} in --retain-model / --retain-stats: one "
+                                    "retain-only model per split")
+        for sp in splits if args.retain_stats else ():
+            eval_tofu.read_retain_stats(args.retain_stats.replace("{split}", sp), sp)
         for sp in splits if args.retain_model else ():
             m = args.retain_model.replace("{split}", sp)
             if m not in common.PRESETS and common.missing_folder(m):
@@ -526,61 +538,53 @@ def main(argv=None):
     print(f"sweep {sweep.path} | data {sweep.data} | KL | UWC tol {sweep.tol:g} | RMU hidden states "
           + ", ".join(f"{k} {v}" for k, v in sweep.layers.items()) + f" of 0..{sweep.n_layers} | -> {root}", flush=True)
 
-    # stage 1: the tuning grid (configurations already on disk with these settings are skipped)
+    # Split by split, method by method: the grid (configurations on disk with these settings are
+    # skipped), the pick, then its Table 1 row, after which the pick's weights are let go.
     rows = load_rows(root, want)
     done = {name_of(r["method"], r["split"], r["params"]) for r in rows}
     todo = [c for c in configs if name_of(*c) not in done]
-    picks = {}
-    pairs = [(m, sp) for sp in splits for m in methods]
-    t1_todo = [] if args.no_table1 else [(None, sp) for sp in splits] + pairs
     t1_dir = root / "table1"
     t1_dir.mkdir(exist_ok=True)
-    t1_file = lambda m, sp: t1_dir / f"{sp}-{m or 'before'}.json"
+
+    def t1_row(m, sp):
+        """Table 1's row on disk for these settings, or None."""
+        f = t1_dir / f"{sp}-{m or 'before'}.json"
+        old = json.loads(f.read_text()) if f.is_file() else None
+        return old if old is not None and old.pop("settings") == want else None
+
+    t1_todo = 0 if args.no_table1 else sum(t1_row(m, sp) is None for sp in splits for m in (None,) + methods)
     from tqdm import tqdm
     print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; "
-          f"{len(t1_todo)} full evaluations for Table 1", flush=True)
-    bar = tqdm(total=len(todo) + len(t1_todo), desc="sweep", unit="run", dynamic_ncols=True)
-    current = None
+          f"{t1_todo} full evaluations for Table 1", flush=True)
+    bar = tqdm(total=len(todo) + t1_todo, desc="sweep", unit="run", dynamic_ncols=True)
+    current, refs = None, {}
     try:
-        for m, sp, p in todo:
-            current = sweep.runs / name_of(m, sp, p)
-            bar.set_postfix_str(current.name)
-            row = sweep.config(m, sp, p)
-            run_dir = current
-            if not run_dir.is_dir():  # --no-save moves the logs into place; make sure the folder exists
-                run_dir.mkdir(parents=True)
-            eval_tofu.write_json(str(run_dir / "row.json"), dict(row, settings=want))
-            rows.append(row)
-            bar.update(1)
-            bar.write(f"{current.name}: λ* {row['lam']:.2f} | ES-exact unlearn {row['es_exact_unlearn']:.4f} | "
-                      f"retain {row['es_exact_retain']:.4f} | {row['seconds']:.0f} s")
-        current = None
-        for m, sp in pairs:
-            sel = [r for r in rows if r["method"] == m and r["split"] == sp]
-            best = min(sel, key=rank)
-            picks[(m, sp)] = dict(params=best["params"], paper_default=paper_default(m, sp, preset),
-                                  es_exact_unlearn=best["es_exact_unlearn"], lam=best["lam"])
-        # stage 2: Table 1, each method at its pick, unmixed, evaluated fully
-        table1 = []
-        refs = {}
-        for m, sp in [(None, sp) for sp in splits] + pairs:
-            f = t1_file(m, sp)
-            params = {} if m is None else picks[(m, sp)]["params"]
-            old = json.loads(f.read_text()) if f.is_file() else None
-            if old is not None and old.pop("settings") == want and old["params"] == params:
-                table1.append(old)
-                if (m, sp) in t1_todo:
+        for sp in splits:
+            for m in (None,) + methods:  # None: the before-unlearning row
+                for _, _, p in [c for c in todo if c[0] == m and c[1] == sp]:
+                    current = sweep.runs / name_of(m, sp, p)
+                    bar.set_postfix_str(current.name)
+                    row = sweep.config(m, sp, p)
+                    current.mkdir(parents=True, exist_ok=True)  # with --no-save it may hold only the logs
+                    eval_tofu.write_json(str(current / "row.json"), dict(row, settings=want))
+                    rows.append(row)
                     bar.update(1)
-                continue
-            if args.no_table1:
-                continue
-            bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before')}")
-            if sp not in refs:
-                refs[sp] = fq_reference(sweep, sp)
-            r = sweep.table1_row(m, sp, params, refs[sp])
-            eval_tofu.write_json(str(f), dict(r, settings=want))
-            table1.append(r)
-            bar.update(1)
+                    bar.write(f"{current.name}: λ* {row['lam']:.2f} | ES-exact unlearn {row['es_exact_unlearn']:.4f}"
+                              f" | retain {row['es_exact_retain']:.4f} | {row['seconds']:.0f} s")
+                current = None
+                params = {} if m is None else min([r for r in rows if r["method"] == m and r["split"] == sp],
+                                                  key=rank)["params"]
+                old = t1_row(m, sp)
+                if not args.no_table1 and (old is None or old["params"] != params):
+                    if old is not None:  # the pick moved (more rows on disk): its row is made again
+                        bar.total += 1
+                    bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}")
+                    if sp not in refs:
+                        refs[sp] = fq_reference(sweep, sp)
+                    r = sweep.table1_row(m, sp, params, refs[sp])
+                    eval_tofu.write_json(str(t1_dir / f"{sp}-{m or 'before'}.json"), dict(r, settings=want))
+                    bar.update(1)
+                sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
     except KeyboardInterrupt:
         bar.close()
         if current is not None:  # the configuration in progress: its half-written run folder goes
@@ -592,17 +596,21 @@ def main(argv=None):
         common.die(str(e))
     bar.close()
     all_rows = load_rows(root, want)
-    for (m, sp) in {(r["method"], r["split"]) for r in all_rows} - set(picks):
+    picks = {}
+    for (m, sp) in {(r["method"], r["split"]) for r in all_rows}:
         best = min([r for r in all_rows if r["method"] == m and r["split"] == sp], key=rank)
-        picks[(m, sp)] = dict(params=best["params"], paper_default=paper_default(m, sp, preset),
-                              es_exact_unlearn=best["es_exact_unlearn"], lam=best["lam"])
+        default = paper_default(m, sp, preset)
+        same = [r for r in all_rows if r["method"] == m and r["split"] == sp and r["params"] == default]
+        picks[(m, sp)] = dict(params=best["params"], es_exact_unlearn=best["es_exact_unlearn"], lam=best["lam"],
+                              paper_default=default, paper_default_es_exact_unlearn=same[0]["es_exact_unlearn"]
+                              if same else None)
     for sp in {r["split"] for r in all_rows}:
         sweep.split(sp)  # the before-unlearning levels of every split on disk, for the tables
-    t1_all = [json.loads(f.read_text()) for f in sorted(t1_dir.glob("*.json"))]
-    t1_all = [dict(r) for r in t1_all if r.pop("settings") == want and (r["method"] is None or
-              picks.get((r["method"], r["split"]), {}).get("params") == r["params"])]
+    t1_all = [r for r in (t1_row(m, sp) for sp in common.SPLITS for m in (None,) + METHODS) if r is not None and (
+        r["method"] is None or picks.get((r["method"], r["split"]), {}).get("params") == r["params"])]
     order = lambda r: (common.SPLITS.index(r["split"]), -1 if r["method"] is None else METHODS.index(r["method"]))
-    write_outputs(root, sweep, sorted(all_rows, key=lambda r: (r["method"], r["split"])), picks,
+    by_grid = lambda r: (METHODS.index(r["method"]), common.SPLITS.index(r["split"]), tuple(r["params"].values()))
+    write_outputs(root, sweep, sorted(all_rows, key=by_grid), picks,
                   sorted(t1_all, key=order))
     print((root / "table1.md").read_text() if (root / "table1.md").is_file() else "")
     print(f"wrote {root}/sweep.json, tables.md" + (", table1.md" if t1_all else ""))

@@ -107,6 +107,7 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
     (["--method", "wga", "--grid", "-1"], "wga rejects alpha = -1"),
     (["--method", "rmu", "--rmu-layers", "2,9"], "RMU layer 9 is out of range"),
     (["--method", "npo", "--grid", "0.5,x"], "comma-separated numbers"),
+    (["--split", "all", "--retain-stats", "s.json"], "put {split} in"),
 ])
 def test_bad_input_writes_nothing(tmp_path, flags, message):
     out = tmp_path / "sw"
@@ -152,3 +153,11 @@ def test_mixing_in_memory_equals_mixing_the_saved_folders(tmp_path, tiny_path):
         uwc.mix_state_(b, theta_o, theta_u, lam)
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert any(not torch.equal(x, y) for x, y in zip(theta_o.values(), theta_u.values()))
+
+
+def test_no_save_keeps_the_logs_without_the_weights(tmp_path):
+    out = tmp_path / "run"
+    r = run_script("ga.py", "--max-steps", "2", "--no-eval", "--no-save", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"args.json", "log.jsonl", "summary.json"}
+    assert len(open(out / "log.jsonl").read().splitlines()) == 2 and not (tmp_path / "run.tmp").exists()
