@@ -134,10 +134,13 @@ def test_grid_is_the_papers():
     assert sweep.grid("npo", a, layers) == [{"beta": 2.0}, {"beta": 3.0}]
 
 
-def test_rank_breaks_ties_on_es_perturb():
-    rows_ = [dict(es_exact_unlearn=0.1, es_perturb_unlearn=0.3), dict(es_exact_unlearn=0.1, es_perturb_unlearn=0.2),
-             dict(es_exact_unlearn=0.2, es_perturb_unlearn=0.0)]
+def test_rank_breaks_ties_on_es_perturb_then_retain_then_the_value():
+    def row(u, p, r, beta):
+        return dict(es_exact_unlearn=u, es_perturb_unlearn=p, es_exact_retain=r, params=dict(beta=beta))
+    rows_ = [row(0.1, 0.3, 0.9, 1.0), row(0.1, 0.2, 0.9, 2.0), row(0.2, 0.0, 1.0, 0.5)]
     assert min(rows_, key=sweep.rank) is rows_[1]
+    ties = [row(0.1, 0.2, 0.9, 4.0), row(0.1, 0.2, 0.95, 5.0), row(0.1, 0.2, 0.95, 0.7)]
+    assert min(ties, key=sweep.rank) is ties[2] and min(ties[::-1], key=sweep.rank) is ties[2]
 
 
 def test_mixing_in_memory_equals_mixing_the_saved_folders(tmp_path, tiny_path):
