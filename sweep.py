@@ -191,6 +191,7 @@ class Sweep:
                      retain_perturb=enc(sets["retain"][1], "paraphrased_question"),
                      forget_perturb=enc(sets["forget"][1], "paraphrased_question"))
             self.splits[split] = s
+            reset_(self.model, self.ref_model)  # the model may hold another split's unlearned weights
             s["before"] = self.scores(s)
             s["target"] = s["before"]["es_exact_retain"] * (1 - self.tol)
             s["shortfall"] = {}  # retain_es_probe's batch order, carried from probe to probe

@@ -164,3 +164,16 @@ def test_no_save_keeps_the_logs_without_the_weights(tmp_path):
     assert r.returncode == 0, r.stderr
     assert {p.name for p in out.iterdir()} == {"args.json", "log.jsonl", "summary.json"}
     assert len(open(out / "log.jsonl").read().splitlines()) == 2 and not (tmp_path / "run.tmp").exists()
+
+
+def test_every_split_starts_from_the_original_weights(tmp_path):
+    """A split first met after another split's configurations is scored on theta_o, not on what the
+    model held last (the before-unlearning row and UWC's target come from it)."""
+    import argparse
+    args = argparse.Namespace(model="tiny", data=None, tol=None, batch_size=64, es_eos=False, seed=0, lr=None,
+                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None)
+    sw = sweep.Sweep(args)
+    sw.runs = tmp_path
+    row = sw.config("ga", "forget01", {})
+    assert row["es_exact_unlearn"] < sw.split("forget01")["before"]["es_exact_unlearn"]
+    assert sw.split("forget05")["before"] == sweep.Sweep(args).split("forget05")["before"]
