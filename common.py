@@ -33,7 +33,7 @@ PRESETS = {
                  lr=1e-3, epochs=5, finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32, uwc_tol=0.10,
                  rmu_layer=3, rmu_c=4.0,
                  # its fine-tune on any other data source, sized for the real TOFU (docs/real_tofu.md)
-                 other_data=dict(finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32)),
+                 other_data=dict(finetune_lr=3e-3, finetune_epochs=20, finetune_batch=32)),
     "phi-1.5": dict(path="locuslab/tofu_ft_phi-1.5", base="microsoft/phi-1_5", template=QA_TEMPLATE,
                     data="locuslab/TOFU", lr=2e-5, epochs=5, finetune_lr=2e-5, finetune_epochs=5,
                     finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0),

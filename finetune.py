@@ -32,9 +32,10 @@ TINY_SIZES = dict(
     other=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=512, vocab=4096),
 )
-# Built-in fine-tune, measured (docs/performance.md): 98 s for 30 epochs of 29k tokens at 1.8M
-# parameters on 2 CPU cores. The estimate that a build announces scales it by tokens x parameters.
-SECONDS_PER_TOKEN_PARAM = 98 / (30 * 29_000 * 1.8e6)
+# Built-in fine-tune, measured (docs/performance.md): 98 s for 30 epochs of 39k tokens (padding
+# included) at 1.8M parameters on 2 CPU cores. The estimate a build announces scales it by padded
+# tokens x parameters (rough: the real TOFU's epochs ran about 25 % slower than it says, docs/real_tofu.md).
+SECONDS_PER_TOKEN_PARAM = 98 / (30 * 39_054 * 1.804e6)
 # What the tokenizer of another data source learns from: every config a run or an evaluation reads.
 TOKENIZER_CONFIGS = ("full", "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
                      "real_authors", "world_facts", "real_authors_perturbed", "world_facts_perturbed")
@@ -116,7 +117,9 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     estimate = ""
     if args.model == "tiny" and device.type == "cpu":  # scaled from the measured built-in fine-tune
-        seconds = total / per_epoch * sum(len(e["input_ids"]) for e in examples) * n_params * SECONDS_PER_TOKEN_PARAM
+        padded = sum(max(len(examples[i]["input_ids"]) for i in idx) * len(idx)  # what a padded epoch computes
+                     for idx in common.epoch_batches(len(examples), args.batch_size, args.seed, 0))
+        seconds = total / per_epoch * padded * n_params * SECONDS_PER_TOKEN_PARAM
         estimate = f" | about {max(1, round(seconds / 60))} min on 2 CPU cores"
     print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params | "
           f"{total} steps | lr {args.lr:g} | {device}{estimate}", flush=True)

@@ -58,6 +58,17 @@ def test_tiny_dir_is_one_folder_per_source(tmp_path, monkeypatch):
     assert all(common.tiny_dir(d).name not in common.CONFIG_FIELDS for d in (str(a), "locuslab/TOFU"))
 
 
+def test_runs_on_other_data_get_their_own_default_folder(tmp_path):
+    """`wga.py --data DIR` never lands in (or is refused by) the built-in set's out/wga-tiny-forget05."""
+    from argparse import Namespace
+    run = lambda data, model="tiny": common.default_out("wga.py", Namespace(model=model, data=data, split="forget05",
+                                                                            out=None))
+    assert run("builtin") == str(common.OUT / "wga-tiny-forget05")
+    (tmp_path / "tofu").mkdir()
+    assert run(str(tmp_path / "tofu")) == str(common.OUT / f"wga-tiny-{common.source_slug(str(tmp_path / 'tofu'))}-forget05")
+    assert run("locuslab/TOFU", "phi-1.5") == str(common.OUT / "wga-phi-1.5-forget05")  # the preset's own data
+
+
 def test_finetune_with_data_writes_that_sources_folder(tmp_path, monkeypatch):
     """`finetune.py --data DIR` no longer defaults to out/tiny/full (the built-in set's model)."""
     monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
