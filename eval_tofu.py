@@ -23,8 +23,9 @@ TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer a
   MU           harmonic mean of {Probability, ROUGE-L, truth ratio} x {retain, real_authors, world_facts}
   FQ           p-value of a two-sample KS test between the forget-set R of the model and of a
                model fine-tuned on the retain split only (--retain-model, or its eval.json via
-               --retain-stats); printed as log10. For the tiny preset on the built-in data the
-               retain-only model is out/tiny/retainXX, fine-tuned on first use.
+               --retain-stats); printed as log10. For the tiny preset the retain-only model is its
+               model of the data, out/tiny/retainXX on the built-in set, fine-tuned on first use;
+               --no-fq skips FQ and that model.
 Everything, per-row values included, goes to eval.json in the model folder (or --out).
 """
 import json
@@ -339,7 +340,7 @@ def main(argv=None):
     a("--template", default=None, help="prompt template with {q} and {a} (default: as --data)")
     ref = parser.add_mutually_exclusive_group()
     ref.add_argument("--retain-model", default=None, help="retain-only model for Forget Quality (preset, hub id "
-                                                          "or folder; default for tiny: out/tiny/retainXX)")
+                                                          "or folder; default for tiny: its retainXX of --data)")
     ref.add_argument("--retain-stats", default=None, help="the retain-only model's eval.json, instead of the model")
     ref.add_argument("--no-fq", action="store_true", help="skip Forget Quality, and with it the retain-only model "
                                                          "(for tiny its fine-tune on first use): reported n/a (skipped)")
