@@ -31,7 +31,9 @@ QA_TEMPLATE = "Question: {q}\nAnswer: {a}"
 PRESETS = {
     "tiny": dict(path=str(OUT / "tiny" / "full"), base=None, template=QA_TEMPLATE, data="builtin",
                  lr=1e-3, epochs=5, finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32, uwc_tol=0.10,
-                 rmu_layer=3, rmu_c=4.0),
+                 rmu_layer=3, rmu_c=4.0,
+                 # its fine-tune on any other data source, sized for the real TOFU (docs/real_tofu.md)
+                 other_data=dict(finetune_lr=3e-3, finetune_epochs=20, finetune_batch=32)),
     "phi-1.5": dict(path="locuslab/tofu_ft_phi-1.5", base="microsoft/phi-1_5", template=QA_TEMPLATE,
                     data="locuslab/TOFU", lr=2e-5, epochs=5, finetune_lr=2e-5, finetune_epochs=5,
                     finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0),
@@ -153,13 +155,15 @@ def resolve_flags(args, finetune=False):
         raise UsageError(f"unknown model '{args.model}': not a preset ({', '.join(PRESETS)}), a local folder "
                          f"or a hub id owner/name (such as openai-community/gpt2)")
     p = PRESETS.get(args.model, OTHER)
+    args.data = data_source(args.data or p["data"])  # a folder by its absolute path: args.json says which
+    if finetune and args.data != "builtin" and "other_data" in p:
+        p = {**p, **p["other_data"]}
     pre = "finetune_" if finetune else ""
     args.lr = p[pre + "lr"] if args.lr is None else args.lr
     args.epochs = p[pre + "epochs"] if args.epochs is None else args.epochs
     if finetune and args.batch_size is None:
         args.batch_size = p["finetune_batch"]  # a method's default depends on the forget set: see fit_batch
     args.template = args.template or p["template"]
-    args.data = args.data or p["data"]
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if not args.epochs > 0:
@@ -371,8 +375,11 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
 
 
 def default_out(script: str, args) -> str:
-    """out/<method>-<model>-<split>, unless --out says otherwise."""
-    return args.out or str(OUT / f"{Path(script).stem}-{args.model.replace('/', '_')}-{args.split}")
+    """out/<method>-<model>-<split>, or out/<method>-<model>-<source>-<split> on data other than the
+    preset's (source_slug: a run on other data never replaces this one), unless --out says otherwise."""
+    own = data_source(args.data) == PRESETS.get(args.model, OTHER)["data"]
+    name = "-".join([Path(script).stem, args.model.replace("/", "_")] + ([] if own else [source_slug(args.data)]))
+    return args.out or str(OUT / f"{name}-{args.split}")
 
 
 def n_answer(examples) -> int:
@@ -617,7 +624,8 @@ def load_for_unlearning(args, reference: bool, loaded: tuple = None):
     fit_batch(args, len(data["forget"]))
     check_micro_batches(len(data["forget"]), args)
     if loaded is None:
-        path = model_path(args.model)
+        path = model_path(args.model, args.data)
+        warn_data(path, args.data)
         tokenizer = load_tokenizer(path, args.trust_remote_code)
         model = load_model(path, args.trust_remote_code)
     if getattr(args, "geffect_every", 0):
@@ -637,25 +645,67 @@ def load_for_unlearning(args, reference: bool, loaded: tuple = None):
     return data, tokenizer, model, ref_model
 
 
-def model_path(model: str) -> str:
-    """Where a preset, hub id or folder is loaded from; builds the tiny model when it is missing."""
+def model_path(model: str, data: str = "builtin") -> str:
+    """Where a preset, hub id or folder is loaded from; for the tiny preset, its model of `data`,
+    built when it is missing (tiny_path)."""
     if model == "tiny":
-        return tiny_path("full")
+        return tiny_path("full", data)
     return PRESETS[model]["path"] if model in PRESETS else model
 
 
-def tiny_path(config: str) -> str:
-    """out/tiny/<config>: the tiny model fine-tuned on `config` (full: the target model; retainXX:
-    the retain-only model of Forget Quality), made by finetune.py's code on first use, then cached."""
-    path = os.path.join(os.path.dirname(PRESETS["tiny"]["path"]), config)
+def data_source(data: str) -> str:
+    """One name per data source: 'builtin', a hub id, or a folder's absolute real path."""
+    return os.path.realpath(os.path.expanduser(data)) if os.path.isdir(os.path.expanduser(data)) else data
+
+
+def source_slug(data: str) -> str:
+    """A folder name for a data source: a folder's name and a hash of its real path (two folders
+    named alike stay apart), a hub id as owner--name. Never a config name."""
+    src = data_source(data)
+    if os.path.isdir(src):
+        import hashlib
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(src).name) or "data"
+        return f"{name}-{hashlib.sha1(src.encode()).hexdigest()[:8]}"
+    return src.replace("/", "--")
+
+
+def tiny_dir(data: str = "builtin") -> Path:
+    """The tiny preset's models of one data source: out/tiny for the built-in set, out/tiny/<slug>
+    (source_slug) for a folder or hub id, so the sources never share a model."""
+    root = Path(PRESETS["tiny"]["path"]).parent
+    return root if data_source(data) == "builtin" else root / source_slug(data)
+
+
+def tiny_path(config: str, data: str = "builtin") -> str:
+    """tiny_dir(data)/<config>: the tiny model fine-tuned on `config` of `data` (full: the target
+    model; retainXX: the retain-only model of Forget Quality), made by finetune.py's code on first
+    use, then cached. The build says what it makes, why and about how long, then shows a progress bar."""
+    path = str(tiny_dir(data) / config)
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         import finetune
+        load_tofu(config, data)  # bad data fails here, in one line, before a build is announced
         t0 = time.time()
-        print(f"[tiny] no model at {path}: fine-tuning one from scratch on the built-in {config} rows "
-              f"(about 2 minutes on 2 CPU cores)", flush=True)
-        finetune.main(["--model", "tiny", "--split", config, "--out", path, "--log-every", "100"])
-        print(f"[tiny] built in {time.time() - t0:.0f} s", flush=True)
+        what = ("the tiny target model (the model before unlearning that --model tiny loads)" if config == "full" else
+                f"the tiny retain-only model of {config} (Forget Quality compares against it; "
+                f"eval_tofu.py --no-fq skips it)")
+        print(f"[tiny] no model at {path}: building {what}, from scratch on {config} of "
+              f"{'the built-in set' if data == 'builtin' else data}; it is cached for later runs", flush=True)
+        finetune.main(["--model", "tiny", "--data", data, "--split", config, "--out", path, "--log-every", "100"])
+        print(f"[tiny] built {path} in {time.time() - t0:.0f} s", flush=True)
     return path
+
+
+def warn_data(path: str, data: str):
+    """One warning line on stderr when the model folder's args.json records other training data than
+    `data`: its numbers on `data` would measure a model that never saw it."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            trained = json.load(f).get("data")
+    except (OSError, ValueError, AttributeError):
+        return
+    if trained and data_source(trained) != data_source(data) and is_main():
+        print(f"{Path(sys.argv[0]).name}: warning: {path} was trained on data {trained}, not on {data}: "
+              f"its numbers on {data} measure a model that never learnt that data", file=sys.stderr, flush=True)
 
 
 def missing_folder(name: str) -> bool:

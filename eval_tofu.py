@@ -23,13 +23,15 @@ TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer a
   MU           harmonic mean of {Probability, ROUGE-L, truth ratio} x {retain, real_authors, world_facts}
   FQ           p-value of a two-sample KS test between the forget-set R of the model and of a
                model fine-tuned on the retain split only (--retain-model, or its eval.json via
-               --retain-stats); printed as log10. For the tiny preset on the built-in data the
-               retain-only model is out/tiny/retainXX, fine-tuned on first use.
+               --retain-stats); printed as log10. For the tiny preset the retain-only model is its
+               model of the data, out/tiny/retainXX on the built-in set, fine-tuned on first use;
+               --no-fq skips FQ and that model.
 Everything, per-row values included, goes to eval.json in the model folder (or --out).
 """
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -260,9 +262,39 @@ def model_defaults(model, path):
     return preset, a.get("data") or p["data"], a.get("template") or p["template"]
 
 
-def tiny_retain_model(split):
-    """out/tiny/retain(100-XX): the tiny preset's retain-only model, fine-tuned on first use."""
-    return common.tiny_path(f"retain{100 - int(split[-2:])}")
+def tiny_retain_model(split, data="builtin"):
+    """out/tiny/retain(100-XX) (or its twin of another data source, common.tiny_dir): the tiny preset's
+    retain-only model, fine-tuned on first use."""
+    return common.tiny_path(f"retain{100 - int(split[-2:])}", data)
+
+
+def target_of(path, data):
+    """The model a folder made by this project's scripts was fine-tuned or unlearned from (its args.json's
+    --model, resolved as the scripts resolve it without building anything), or None."""
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            a = json.load(f)
+        model, data = a.get("model"), a.get("data") or data
+    except (OSError, ValueError, AttributeError):
+        return None
+    if model == "tiny":
+        return str(common.tiny_dir(data) / "full")
+    return common.PRESETS[model]["path"] if model in common.PRESETS else model
+
+
+def same_model(a, b):
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def retain_model_warning(retain_path, path, data):
+    """Why an FQ against `retain_path` means nothing, or None: it is the model under evaluation (p = 1
+    by construction) or the target model that was fine-tuned on the forget rows too."""
+    if same_model(retain_path, path):
+        return f"--retain-model {retain_path} is the model under evaluation: FQ is 1 by construction"
+    if same_model(retain_path, target_of(path, data)) or same_model(retain_path, common.tiny_dir(data) / "full"):
+        return (f"--retain-model {retain_path} is the target model, fine-tuned on the forget rows too, not a "
+                f"retain-only model: FQ then measures closeness to the model before unlearning")
+    return None
 
 
 def read_retain_stats(path, split):
@@ -308,8 +340,10 @@ def main(argv=None):
     a("--template", default=None, help="prompt template with {q} and {a} (default: as --data)")
     ref = parser.add_mutually_exclusive_group()
     ref.add_argument("--retain-model", default=None, help="retain-only model for Forget Quality (preset, hub id "
-                                                          "or folder; default for tiny: out/tiny/retainXX)")
+                                                          "or folder; default for tiny: its retainXX of --data)")
     ref.add_argument("--retain-stats", default=None, help="the retain-only model's eval.json, instead of the model")
+    ref.add_argument("--no-fq", action="store_true", help="skip Forget Quality, and with it the retain-only model "
+                                                         "(for tiny its fine-tune on first use): reported n/a (skipped)")
     a("--out", default=None, help="where eval.json goes (default: MODEL_FOLDER/eval.json)")
     a("--max-samples", type=int, default=None, help="evaluate only the first N rows of each set (default: all)")
     a("--batch-size", type=int, default=64, help="rows per forward pass or generation batch")
@@ -333,9 +367,12 @@ def main(argv=None):
         for m in (args.model, args.retain_model):  # a path that is not there, rather than a hub id
             if m and m not in common.PRESETS and common.missing_folder(m):
                 raise common.UsageError(f"model folder '{m}' does not exist")
-        path = common.model_path(args.model)
+        if args.model == "tiny":  # the tiny preset's model of --data (built on first use)
+            path = common.model_path("tiny", common.data_source(args.data or "builtin"))
+        else:
+            path = common.model_path(args.model)
         preset, data, template = model_defaults(args.model, path)
-        args.data, args.template = args.data or data, args.template or template
+        args.data, args.template = common.data_source(args.data or data), args.template or template
         if not 0 <= args.template.find("{q}") < args.template.find("{a}"):
             raise common.UsageError(f"--template must contain {{q}} and then {{a}}, got {args.template!r}")
         sets = load_sets(args.split, args.data, args.max_samples)
@@ -343,12 +380,18 @@ def main(argv=None):
         if stats and stats[0][:len(questions)] != questions:
             raise common.UsageError(f"--retain-stats {args.retain_stats} was computed on other forget rows "
                                     f"(not the first {len(questions)} of {args.split} in {args.data})")
-        if args.retain_model is None and stats is None and preset == "tiny" and args.data == "builtin":
-            args.retain_model = tiny_retain_model(args.split)
+        common.warn_data(path, args.data)
+        retain_default = args.retain_model is None and not args.no_fq and stats is None and preset == "tiny"
+        if retain_default:  # the tiny preset's retain-only model of this data source
+            args.retain_model = tiny_retain_model(args.split, args.data)
         tokenizer = common.load_tokenizer(path, args.trust_remote_code)
         model = common.load_model(path, args.trust_remote_code, frozen=True)
+        retain_path, retain_warning = None, None
         if args.retain_model:
-            retain_path = common.model_path(args.retain_model)
+            retain_path = common.model_path(args.retain_model, args.data)
+            retain_warning = retain_model_warning(retain_path, path, args.data)
+            if retain_warning:
+                print(f"eval_tofu.py: warning: {retain_warning}", file=sys.stderr, flush=True)
             retain_tok = common.load_tokenizer(retain_path, args.trust_remote_code)
             retain_model = common.load_model(retain_path, args.trust_remote_code, frozen=True)
     except common.UsageError as e:
@@ -363,7 +406,8 @@ def main(argv=None):
     # Forget Quality: KS test against the retain-only model's forget-set truth ratios
     if args.retain_model:
         ref_ratios = forget_truth_ratios(retain_model, retain_tok, args.template, sets["forget"][1], args.batch_size)
-        reference = f"the retain-only model {retain_path}"
+        reference = (f"the retain-only model {retain_path}" + (" (the tiny preset's, for this data)" if retain_default
+                                                                 else " (--retain-model)"))
     elif stats:
         ref_ratios, reference = stats[1][:len(questions)], f"the retain stats {args.retain_stats}"
     if args.retain_model or stats:
@@ -371,14 +415,16 @@ def main(argv=None):
         log_fq = math.log10(fq) if fq > 0 else -math.inf
     else:  # never a number without a reference
         fq, log_fq, ref_ratios = None, None, None
-        reference = "unavailable: no retain-only model (give --retain-model or --retain-stats)"
+        reference = ("skipped (--no-fq)" if args.no_fq else
+                     "unavailable: no retain-only model (give --retain-model or --retain-stats)")
     m = res["metrics"]
     summary = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
                    es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
                    model_utility=res["model_utility"], log10_forget_quality=log_fq)
     res = dict(model=path, split=args.split, data=args.data, template=args.template, rows=n,
                seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq, log10_forget_quality=log_fq,
-               fq_reference=reference, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],
+               fq_reference=reference, fq_skipped=args.no_fq, fq_retain_model=retain_path,
+               fq_warning=retain_warning, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],
                metrics=m, es_eos=args.es_eos, args=vars(args),
                per_sample=res["per_sample"])
     write_json(out, res)
@@ -387,11 +433,12 @@ def main(argv=None):
     print(HEADER)
     print("| --- | --- | --- | --- | --- | --- |")
     print("| " + " | ".join(f"{summary[k]:.4f}" for k in list(summary)[:5])
-          + (" | n/a |" if fq is None else f" | {log_fq:.4f} |"))
+          + (" | n/a (skipped) |" if args.no_fq else " | n/a |" if fq is None else f" | {log_fq:.4f} |"))
     print("\n| set | Prob. | ROUGE-L | truth ratio |\n| --- | --- | --- | --- |")
     for k in SETS:
         print(f"| {k} | {m[k]['prob']:.4f} | {m[k]['rouge']:.4f} | {m[k]['truth_ratio']:.4f} |")
-    print(f"\nFQ: {reference}" if fq is None else f"\nFQ: p = {fq:.4g} against {reference}")
+    print(f"\nFQ: {reference}" if fq is None else f"\nFQ: p = {fq:.4g} against {reference}"
+          + (f" (warning: {retain_warning})" if retain_warning else ""))
     print(f"wrote {out} ({res['seconds']} s)")
     return res
 

@@ -5,34 +5,64 @@ against. The loss is the mean negative log-likelihood of the answer tokens (and 
 
     python finetune.py                                  # tiny model on the built-in set -> out/tiny/full
     python finetune.py --split retain95                 # its retain-only twin -> out/tiny/retain95
+    python finetune.py --data ../shared/tofu            # on a data folder -> out/tiny/tofu-<hash>/full
     python finetune.py --model phi-1.5 --split full     # from microsoft/phi-1_5 on locuslab/TOFU (GPU)
 
 For the tiny preset the model starts from random initialisation with a byte-level BPE
-tokenizer trained on the built-in set, and trains until the data is memorised. Its data is
+tokenizer trained on the data source, and trains until the data is memorised. Its data is
 the chosen config plus the general-knowledge rows (real_authors, world_facts): they play the
-part of pre-training knowledge, which no split forgets.
+part of pre-training knowledge, which no split forgets. Each data source has its own folder of
+tiny models (common.tiny_dir) and, beyond the built-in set, a model sized for the real TOFU.
+A progress bar shows the elapsed time and the ETA; the step lines are printed above it.
 """
 import os
-import sys
 import time
 
 import torch
 
 import common
 
-TINY = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256)  # ~1.8M parameters
-TINY_VOCAB = 2048
+# The tiny model's size per data source: the built-in set (1090 short rows), and any other source,
+# sized for the real TOFU (4217 rows, answers 3x as long; measured in docs/real_tofu.md).
+# The epochs and learning rate go with it: common.PRESETS["tiny"] (finetune_*, other_data).
+TINY_SIZES = dict(
+    builtin=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256, vocab=2048),  # ~1.8M parameters
+    other=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=512, vocab=4096),
+)
+# Built-in fine-tune, measured (docs/performance.md): 98 s for 30 epochs of 39k tokens (padding
+# included) at 1.8M parameters on 2 CPU cores. The estimate a build announces scales it by padded
+# tokens x parameters (rough: the real TOFU's epochs ran about 25 % slower than it says, docs/real_tofu.md).
+SECONDS_PER_TOKEN_PARAM = 98 / (30 * 39_054 * 1.804e6)
+# What the tokenizer of another data source learns from: every config a run or an evaluation reads.
+TOKENIZER_CONFIGS = ("full", "forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed",
+                     "real_authors", "world_facts", "real_authors_perturbed", "world_facts_perturbed")
 
 
-def tiny_tokenizer(rows):
-    """A byte-level BPE tokenizer trained on the built-in set's text (deterministic)."""
+def tokenizer_rows(data):
+    """The rows the tiny tokenizer is trained on: the whole built-in set, or TOKENIZER_CONFIGS of
+    another source (those a folder has), the same for every model of that source."""
+    if data == "builtin":
+        import fictitious
+        return [r for rs in fictitious.generate().values() for r in rs]
+    have = lambda c: not os.path.isdir(data) or any(os.path.isfile(os.path.join(data, c + e)) for e in (".json", ".jsonl"))
+    return [r for c in TOKENIZER_CONFIGS if have(c) for r in common.load_tofu(c, data)]
+
+
+def tiny_size(data):
+    """The tiny model's architecture and vocabulary size for a data source (TINY_SIZES)."""
+    return TINY_SIZES["builtin" if data == "builtin" else "other"]
+
+
+def tiny_tokenizer(rows, vocab=2048):
+    """A byte-level BPE tokenizer of `vocab` tokens trained on the rows' text (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     texts = [f"Question: {r['question']}\nAnswer: {r[k]}" for r in rows for k in ("answer", "paraphrased_answer")
              if k in r] + [p for r in rows for p in r.get("perturbed_answer", [])]
@@ -41,12 +71,12 @@ def tiny_tokenizer(rows):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_model(tokenizer, seed):
+def tiny_model(tokenizer, seed, size=TINY_SIZES["builtin"]):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False, **TINY)
+                         tie_word_embeddings=False, **{k: v for k, v in size.items() if k != "vocab"})
     return LlamaForCausalLM(config)
 
 
@@ -63,10 +93,10 @@ def main(argv=None):
         if args.batch_size > len(rows):
             raise common.UsageError(f"--batch-size {args.batch_size} is larger than the {len(rows)} training rows")
         common.set_seed(args.seed)
-        if args.model == "tiny":  # from scratch, with a tokenizer trained on the built-in set
-            import fictitious
-            tokenizer = tiny_tokenizer([r for rs in fictitious.generate().values() for r in rs])
-            model = tiny_model(tokenizer, args.seed)
+        if args.model == "tiny":  # from scratch, with a tokenizer trained on the data source
+            size = tiny_size(args.data)
+            tokenizer = tiny_tokenizer(tokenizer_rows(args.data), size["vocab"])
+            model = tiny_model(tokenizer, args.seed, size)
         else:
             base = common.PRESETS[args.model]["base"] if args.model in common.PRESETS else args.model
             tokenizer = common.load_tokenizer(base, args.trust_remote_code)
@@ -75,19 +105,28 @@ def main(argv=None):
         per_epoch, total, warmup = common.steps_for(len(examples), args)
     except common.UsageError as e:
         common.die(str(e))
-    if args.out is None:  # the tiny preset's models live where the other scripts look for them
-        args.out = str(common.OUT / ("tiny" if args.model == "tiny" else f"finetune-{args.model.replace('/', '_')}")
-                       / args.split)
+    if args.out is None:  # the tiny preset's models live where the other scripts look for them, one folder per data
+        args.out = str(common.tiny_dir(args.data) / args.split if args.model == "tiny" else
+                       common.OUT / f"finetune-{args.model.replace('/', '_')}" / args.split)
     if args.model == "tiny":
         model = common.place(model)
     device = common.device_and_dtype()[0]
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
     n_params = sum(p.numel() for p in model.parameters())
+    estimate = ""
+    if args.model == "tiny" and device.type == "cpu":  # scaled from the measured built-in fine-tune
+        padded = sum(max(len(examples[i]["input_ids"]) for i in idx) * len(idx)  # what a padded epoch computes
+                     for idx in common.epoch_batches(len(examples), args.batch_size, args.seed, 0))
+        seconds = total / per_epoch * padded * n_params * SECONDS_PER_TOKEN_PARAM
+        estimate = f" | about {max(1, round(seconds / 60))} min on 2 CPU cores"
     print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params | "
-          f"{total} steps | lr {args.lr:g} | {device}", flush=True)
+          f"{total} steps | lr {args.lr:g} | {device}{estimate}", flush=True)
 
-    # training loop
+    # training loop, under a progress bar with elapsed time and ETA; the step lines are printed above it
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=f"finetune {args.split}", unit="step", disable=not common.is_main(),
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
     model.train()
     t0 = time.time()
     step, tokens = 0, 0
@@ -107,12 +146,15 @@ def main(argv=None):
                 loss_sum += loss.item()
             norm = common.clip_and_step(model, optimizer, args.max_grad_norm, step + 1)
             step, tokens = step + 1, tokens + n_tok
+            bar.update()
             if step % args.log_every == 0 or step == total:
                 loss_sum = common.all_sum(dict(loss=loss_sum))["loss"]  # under torchrun: the processes' shares
                 tps = tokens / (time.time() - t0)
-                run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm, tok_s=tps),
-                        f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm:.2f} | "
-                        f"tok/s {tps:.0f}")
+                run.log(dict(step=step, loss=loss_sum, lr=lr, grad_norm=norm, tok_s=tps))
+                if common.is_main():
+                    bar.write(f"step {step}/{total} | loss {loss_sum:.4f} | lr {lr:.2e} | grad {norm:.2f} | "
+                              f"tok/s {tps:.0f}")
+    bar.close()
     out = run.save(model, tokenizer, extra={"summary.json": dict(seconds=time.time() - t0, steps=total)})
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     return out

@@ -14,7 +14,7 @@ loss term (objective, regularizer), and with --geffect-pointwise per forget samp
 PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample).
 
     python wga.py --split forget05 --geffect-every 1              # writes RUN_DIR/geffect.jsonl
-    python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]
+    python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]   # -> out/geffect.png
 
 How it is cheap: the run's own backward pass gives grad L; grad R(D_u) comes from the same
 forward graph (kept for one more backward at measured steps); the regularizer's gradient is
@@ -283,10 +283,20 @@ def read_run(run_dir) -> tuple:
     return rows, log
 
 
+def figure_path(out) -> str:
+    """A bare file name goes under out/ (git-ignored), as run folders do; a path with a folder is kept."""
+    out = str(out)
+    if os.path.dirname(out):
+        return out
+    common.OUT.mkdir(exist_ok=True)
+    return str(common.OUT / out)
+
+
 def plot(run_dirs, out, symlog=False):
     """The paper's Figure 3 style, one column per run: unlearning G-effect in red, retaining in
     blue, layer groups dashed (embed and lm dash-dotted); below, the method's weight (Figure 5a)
-    or GA's inverse confidence (Figure 9c) and the forget risk (Figure 9b) from log.jsonl."""
+    or GA's inverse confidence (Figure 9c) and the forget risk (Figure 9b) from log.jsonl.
+    Returns the path written (figure_path)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -329,8 +339,17 @@ def plot(run_dirs, out, symlog=False):
             ax3.set_ylabel("forget NLL (risk)", color="tab:gray")
         ax2.set_xlabel("step")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 / nrows, 1, 1))
+    # the widest legend that fits the canvas: 6 columns, else 4, else 2 (one per risk); then the
+    # panels leave it room at the bottom, measured rather than guessed
+    fig.canvas.draw()
+    for ncol in (6, 4, 2):
+        legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+        box = legend.get_window_extent(fig.canvas.get_renderer())
+        if box.width <= 0.98 * fig.bbox.width or ncol == 2:
+            break
+        legend.remove()
+    fig.tight_layout(rect=(0, (box.height + 4) / fig.bbox.height, 1, 1))
+    out = figure_path(out)
     tmp = f"{out}.tmp{Path(out).suffix}"
     fig.savefig(tmp, dpi=130)
     os.replace(tmp, out)
@@ -343,13 +362,15 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plot", help="plot the G-effect of one or more runs")
     p.add_argument("runs", nargs="+", help="run folders with a geffect.jsonl")
-    p.add_argument("-o", "--out", default="geffect.png", help="image file to write")
+    p.add_argument("-o", "--out", default="geffect.png", help="image file to write (a bare name goes under out/)")
     p.add_argument("--symlog", action="store_true", help="symmetric log scale for the G-effect")
     args = parser.parse_args(argv)
     try:
-        print(plot(args.runs, args.out, args.symlog))
+        out = plot(args.runs, args.out, args.symlog)
     except common.UsageError as e:
         common.die(str(e))
+    print(out)
+    return out
 
 
 if __name__ == "__main__":

@@ -168,9 +168,10 @@ class Sweep:
 
     def __init__(self, args):
         self.args = args
-        self.path = common.model_path(args.model)
-        self.preset, data, self.template = eval_tofu.model_defaults(args.model, self.path)
-        self.data = args.data or data
+        preset, data, _ = eval_tofu.model_defaults(args.model, args.model)
+        self.data = common.data_source(args.data or data)  # a folder by its real path, as args.json has it
+        self.path = common.model_path(args.model, self.data)  # tiny: that data's own model, built on first use
+        self.preset, _, self.template = eval_tofu.model_defaults(args.model, self.path)
         self.tokenizer = common.load_tokenizer(self.path)
         self.model = common.load_model(self.path)
         self.ref_model = common.load_model(self.path, frozen=True)  # theta_o, for KL and for mixing
@@ -294,11 +295,11 @@ def fq_reference(sweep: Sweep, split: str):
             raise common.UsageError(f"--retain-stats for {split} was computed on other forget rows")
         return r[:len(pert)]
     path = a.retain_model and a.retain_model.replace("{split}", split)
-    if path is None and sweep.preset == "tiny" and sweep.data == "builtin":
-        path = eval_tofu.tiny_retain_model(split)
+    if path is None and sweep.preset == "tiny":
+        path = eval_tofu.tiny_retain_model(split, sweep.data)  # of the same data, built on first use
     if path is None:
         return None
-    path = common.model_path(path)
+    path = common.model_path(path, sweep.data)
     return eval_tofu.forget_truth_ratios(common.load_model(path, frozen=True), common.load_tokenizer(path),
                                          sweep.template, pert, a.batch_size)
 
@@ -536,7 +537,9 @@ def main(argv=None):
                 raise common.UsageError(f"--retain-model folder '{m}' does not exist")
     except common.UsageError as e:
         common.die(str(e))
-    root = Path(args.out or common.OUT / "sweep" / (sweep.preset or Path(sweep.path).name))
+    own = sweep.data == common.data_source(preset["data"])
+    name = (sweep.preset or Path(sweep.path).name) + ("" if own else f"-{common.source_slug(sweep.data)}")
+    root = Path(args.out or common.OUT / "sweep" / name)
     sweep.runs = root / "runs"
     sweep.runs.mkdir(parents=True, exist_ok=True)
     want = settings(sweep)

@@ -125,7 +125,7 @@ def run_uwc(args):
     tol = args.tol if args.tol is not None else common.PRESETS.get(preset, common.OTHER)["uwc_tol"]
     if not 0 <= tol < 1:
         raise common.UsageError(f"--tol must be in [0, 1), got {tol}")
-    original_path = common.model_path(original)
+    original_path = common.model_path(original, data)
     unlearned = safetensors_files(args.model)
     base = safetensors_files(original_path)
     split = common.split_data(args.split, data)
@@ -153,10 +153,12 @@ def run_uwc(args):
     argv = ["--model", out, "--split", args.split, "--data", data, "--template", template,
             "--batch-size", str(args.batch_size)] + (["--max-samples", str(args.max_samples)] if args.max_samples else [])
     argv += ["--es-eos"] if args.es_eos else []
-    if args.retain_stats:
+    if args.no_fq:
+        argv += ["--no-fq"]
+    elif args.retain_stats:
         argv += ["--retain-stats", args.retain_stats]
-    elif preset == "tiny" and data == "builtin":  # the tiny preset's retain-only model, built on first use
-        argv += ["--retain-model", eval_tofu.tiny_retain_model(args.split)]
+    elif preset == "tiny":  # the tiny preset's retain-only model of this data, built on first use
+        argv += ["--retain-model", eval_tofu.tiny_retain_model(args.split, data)]
     res = eval_tofu.main(argv)
     result = dict(model=args.model, original=original_path, split=args.split, tol=tol, lam=lam, es_eos=args.es_eos,
                   target_retain_es=target_es, probes=probes, summary=res["summary"], seconds=time.time() - t0)
@@ -173,6 +175,8 @@ def main(argv=None):
     a("--tol", type=float, default=None, help="allowed drop of retain ES-exact (default: the preset's)")
     a("--out", default=None, help="folder of the mixed model (default: MODEL-uwc)")
     a("--retain-stats", default=None, help="the retain-only model's eval.json, for Forget Quality")
+    a("--no-fq", action="store_true", help="skip Forget Quality in the final evaluation (and the tiny preset's "
+                                           "retain-only fine-tune): reported n/a (skipped)")
     a("--max-samples", type=int, default=None, help="final evaluation on the first N rows of each set only")
     a("--batch-size", type=int, default=64, help="rows per forward pass")
     a("--overwrite", action="store_true", help="replace a model already in --out")
@@ -185,6 +189,8 @@ def main(argv=None):
             raise common.UsageError(f"--model must be an unlearned run folder, got {args.model!r}")
         if args.split not in common.SPLITS:
             raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)})")
+        if args.no_fq and args.retain_stats:
+            raise common.UsageError("--no-fq and --retain-stats exclude each other")
         return run_uwc(args)
     except common.UsageError as e:
         common.die(str(e))

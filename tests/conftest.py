@@ -6,13 +6,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-TOFU = ROOT.parent / "shared" / "tofu"  # the real TOFU files, by path; absent on most machines
+
+
+def tofu_folder(environ=os.environ) -> Path:
+    """The real TOFU files, by path: $TOFU_DIR, else ../shared/tofu beside the project (absent on most machines)."""
+    return Path(environ.get("TOFU_DIR") or ROOT.parent / "shared" / "tofu")
+
+
+TOFU = tofu_folder()
 
 
 @pytest.fixture(scope="session")
 def tofu_dir():
-    if not (TOFU / "full.json").is_file():
-        pytest.skip(f"the real TOFU files are not at {TOFU}")
+    if not any((TOFU / f"full{ext}").is_file() for ext in (".json", ".jsonl")):
+        pytest.skip(f"the real TOFU files are not at {TOFU} (set TOFU_DIR to their folder)")
     return str(TOFU)
 
 

@@ -323,16 +323,54 @@ def test_eval_without_retain_reference(tiny_path, tmp_path):
     assert not (model / "eval.json").exists()
 
 
-def test_fq_against_a_retain_model(tiny_path, tmp_path):
-    """--retain-model: its forget-set truth ratios are computed and kept; against itself, p = 1."""
+def test_fq_against_a_retain_model(tiny_path, tmp_path, capsys):
+    """--retain-model: its forget-set truth ratios are computed and kept, the model is named in the FQ
+    line and eval.json; against itself, p = 1, with a warning that says so."""
     res = eval_tofu.main(["--model", tiny_path, "--retain-model", tiny_path, "--max-samples", "5",
                           "--max-new-tokens", "4", "--out", str(tmp_path / "e.json")])
     d = json.load(open(tmp_path / "e.json"))
     assert d["forget_quality"] == res["forget_quality"] == 1.0 and d["log10_forget_quality"] == 0.0
     assert d["fq_retain_truth_ratio"] == d["per_sample"]["forget"]["truth_ratio"] and tiny_path in d["fq_reference"]
+    assert d["fq_retain_model"] == tiny_path and "is the model under evaluation" in d["fq_warning"]
+    out, err = capsys.readouterr()
+    assert f"FQ: p = 1 against the retain-only model {tiny_path} (--retain-model) (warning: --retain-model" in out
+    assert [line for line in err.splitlines() if "warning" in line] == [
+        f"eval_tofu.py: warning: --retain-model {tiny_path} is the model under evaluation: FQ is 1 by construction"]
     other = eval_tofu.main(["--model", tiny_path, "--retain-stats", str(tmp_path / "e.json"), "--max-samples", "5",
                             "--max-new-tokens", "4", "--out", str(tmp_path / "e2.json")])
     assert other["forget_quality"] == 1.0  # its own eval.json as --retain-stats: the same numbers
+
+
+def test_retain_model_that_is_the_target_model(tiny_path, tmp_path, capsys):
+    """An unlearned model (its args.json names --model tiny) against the tiny target model as 'retain-only'
+    model: one warning line; the real retain-only model gives none."""
+    model = model_copy(tiny_path, tmp_path / "m")  # args.json: fine-tuned with --model tiny on builtin
+    argv = ["--model", str(model), "--max-samples", "3", "--max-new-tokens", "2", "--out", str(tmp_path / "e.json")]
+    d = eval_tofu.main(argv + ["--retain-model", "tiny"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]  # not the progress bars
+    assert len(err) == 1 and err[0].startswith(f"eval_tofu.py: warning: --retain-model {tiny_path} is the target model")
+    assert d["fq_retain_model"] == tiny_path and "target model" in d["fq_warning"]
+    retain = eval_tofu.tiny_retain_model("forget05")
+    d = eval_tofu.main(argv)  # the tiny preset's own retain-only model, by default
+    assert d["fq_retain_model"] == retain and d["fq_warning"] is None and "warning" not in capsys.readouterr().err
+
+
+def test_no_fq_skips_forget_quality_and_its_model(tiny_path, tmp_path, monkeypatch, capsys):
+    """--no-fq: no retain-only model is loaded or built; FQ is null in eval.json with the reason, and
+    'n/a (skipped)' in the printed row."""
+    model = model_copy(tiny_path, tmp_path / "m")  # names the tiny preset: FQ would use out/tiny/retain95
+    monkeypatch.setattr(eval_tofu, "tiny_retain_model", lambda *a: pytest.fail("retain-only model requested"))
+    res = eval_tofu.main(["--model", str(model), "--no-fq", "--max-samples", "3", "--max-new-tokens", "2"])
+    d = json.load(open(model / "eval.json"))
+    assert d["forget_quality"] is d["log10_forget_quality"] is d["summary"]["log10_forget_quality"] is None
+    assert d["fq_skipped"] is True and d["fq_reference"] == "skipped (--no-fq)" and d["fq_retain_model"] is None
+    assert res["fq_skipped"] is True
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[lines.index("| --- | --- | --- | --- | --- | --- |") + 1].endswith("| n/a (skipped) |")
+    assert "FQ: skipped (--no-fq)" in lines
+    with pytest.raises(SystemExit) as e:
+        eval_tofu.main(["--model", str(model), "--no-fq", "--retain-model", tiny_path])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_es_eos_flag(tiny, tiny_path, tmp_path):

@@ -154,3 +154,49 @@ def test_heldout_d_r_spreads_over_every_author():
     for n in (1, 7, 32, 64, 399, 400):
         rows = geffect.spread(n)
         assert len(set(rows)) == n and all(int(i * 400 / n) <= r < (i + 1) * 400 / n for i, r in enumerate(rows))
+
+
+def fake_run(folder, steps=6):
+    """A run folder with a geffect.jsonl and a log.jsonl of WGA's fields, values of both signs."""
+    folder.mkdir(parents=True)
+    risk = lambda s, sign: dict(total=sign * 10.0 ** -s, layers=[], **{g: sign * 10.0 ** -(s + 1) for g in geffect.GROUPS})
+    with open(folder / "geffect.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            f.write(json.dumps(dict(step=s, unlearn=risk(s, -1), retain=risk(s, 1))) + "\n")
+    with open(folder / "log.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            f.write(json.dumps(dict(step=s, weight=0.5 / s, forget_nll=0.1 * s)) + "\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("n_runs", range(1, 9))
+def test_plot_legend_fits_the_canvas(n_runs, tmp_path, monkeypatch):
+    """The saved figure holds the whole legend, every entry (unlearn, the total, first), and the legend
+    covers no panel, for 1 to 8 runs: the README's one-run command once drew a legend wider than the figure."""
+    from matplotlib.figure import Figure
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1])
+    runs = [fake_run(tmp_path / f"wga-geffect-{i}") for i in range(n_runs)]
+    out = geffect.plot(runs, tmp_path / "g.png", symlog=True)
+    assert str(out) == str(tmp_path / "g.png") and (tmp_path / "g.png").stat().st_size > 0
+    fig = saved[-1]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()  # a canvas again (closing the figure dropped it), as saved
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[0] == "unlearn" and "retain lm" in labels and len(labels) == 12
+    canvas, box = fig.bbox, legend.get_window_extent(renderer)
+    assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1 and canvas.y0 <= box.y0 and box.y1 <= canvas.y1, (box, canvas)
+    for ax in fig.axes:
+        if ax.axison:
+            assert not box.overlaps(ax.get_tightbbox(renderer)), (box, ax.get_tightbbox(renderer))
+
+
+def test_plot_bare_name_goes_under_out(tmp_path, monkeypatch):
+    """`-o NAME.png` without a folder writes out/NAME.png, never into the repository root; a path is kept."""
+    monkeypatch.setattr(common, "OUT", tmp_path / "out")
+    run = fake_run(tmp_path / "run")
+    assert geffect.main(["plot", run, "-o", "fig.png"]) == str(tmp_path / "out" / "fig.png")
+    assert (tmp_path / "out" / "fig.png").is_file() and not (common.ROOT / "fig.png").exists()
+    assert geffect.main(["plot", run, "-o", str(tmp_path / "here.png")]) == str(tmp_path / "here.png")

@@ -93,3 +93,17 @@ def test_uwc_bad_input(tmp_path):
     assert r.returncode == 2 and "unlearned run folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_script("uwc.py", "--model", str(tmp_path), "--tol", "1.5", "--original", "tiny")
     assert r.returncode == 2 and "--tol must be in [0, 1)" in r.stderr
+
+
+def test_uwc_no_fq(two_models, tmp_path, monkeypatch):
+    """--no-fq reaches the final evaluation: FQ skipped, and no retain-only model is asked for."""
+    import eval_tofu
+    original, unlearned = two_models
+    monkeypatch.setattr(eval_tofu, "tiny_retain_model", lambda *a: pytest.fail("retain-only model requested"))
+    res = uwc.main(["--model", unlearned, "--split", "forget05", "--out", str(tmp_path / "mixed"), "--max-samples", "3",
+                    "--tol", "0.99", "--no-fq"])
+    assert res["lam"] == 1.0 and res["summary"]["log10_forget_quality"] is None
+    d = json.load(open(tmp_path / "mixed" / "eval.json"))
+    assert d["fq_skipped"] is True and d["forget_quality"] is None
+    r = run_script("uwc.py", "--model", unlearned, "--no-fq", "--retain-stats", str(tmp_path / "x.json"))
+    assert r.returncode == 2 and r.stderr.strip() == "uwc.py: error: --no-fq and --retain-stats exclude each other"
