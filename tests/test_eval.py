@@ -89,30 +89,40 @@ def test_es_one_pass_equals_greedy_generation(tiny):
 
 @pytest.fixture(scope="module")
 def partly_unlearned(tiny):
-    """The tiny model after 3 steps of gradient ascent (ga.ga_loss, plain SGD, lr 2) on 16 forget rows:
-    some answers gone, many half-gone, so ES takes values strictly between 0 and 1."""
+    """The tiny model after a few steps of gradient ascent (ga.ga_loss, plain SGD) on 16 forget rows,
+    taken where the first 12 held-out retain rows have at least 5 distinct ES values strictly between
+    0 and 1 under both readings: some answers gone, many half-gone. GA moves the tiny model from
+    'all kept' to 'all gone' within a step or two, and where that step falls depends on the model's
+    exact weights (they differ with the threads it was built with), so lr 2, 1, 0.5, 0.25 and up to
+    12 steps are searched, in that order."""
     import copy
     import ga
     model, tok = tiny
-    m = copy.deepcopy(model).train()
-    for p in m.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(m.parameters(), lr=2.0)
     forget_batch = common.collate(common.encode_rows(tok, QA, common.split_data("forget05")["forget"][:16]),
                                   tok.pad_token_id)
-    for _ in range(3):
-        logp, mask = common.answer_logprobs(m, forget_batch)
-        loss, _ = ga.ga_loss(logp, mask, mask.sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    rows = common.encode_rows(tok, QA, common.split_data("forget05")["retain_eval"][:12])
+    for lr in (2.0, 1.0, 0.5, 0.25):
+        m = copy.deepcopy(model).train()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(m.parameters(), lr=lr)
+        for _ in range(12):
+            logp, mask = common.answer_logprobs(m, forget_batch)
+            loss, _ = ga.ga_loss(logp, mask, mask.sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mids = [{v for v in eval_tofu.score(m.eval(), tok, rows, with_eos=e)[1] if 0 < v < 1} for e in (0, 1)]
+            if min(len(x) for x in mids) >= 5:
+                return m
+            m.train()
+    return m.eval()  # none found: the test below fails and says so
 
 
 @pytest.mark.parametrize("with_eos", [False, True])
 def test_es_one_pass_equals_generation_after_unlearning(tiny, partly_unlearned, with_eos):
     """Row by row, one pass against `generate` from every prefix, on rows where ES is neither 0 nor 1
-    (6 of these 12 by default, 7 with EOS, from 0.07 to 0.67), as well as 0 and 1."""
+    (at least 5 of these 12, see partly_unlearned), as well as 0 and 1."""
     tok = tiny[1]
     ex = common.encode_rows(tok, QA, common.split_data("forget05")["retain_eval"][:12])
     fast = eval_tofu.score(partly_unlearned, tok, ex, batch_size=5, with_eos=with_eos)[1]
