@@ -262,7 +262,9 @@ class Sweep:
             if kept is not None and kept[0]["params"] == params:
                 theta_u = kept[1]
             else:  # resumed: the pick's weights were not kept, so its run is made again (same seed, same weights)
-                theta_u = self.unlearn(method, split, params, self.runs / name_of(method, split, params), False)
+                scratch = self.runs.parent / "scratch" / name_of(method, split, params)  # beside its row, not over it
+                theta_u = self.unlearn(method, split, params, scratch, False)
+                shutil.rmtree(scratch.parent, ignore_errors=True)
             uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
         res = eval_tofu.evaluate(self.model, self.tokenizer, s["sets"], self.template, self.args.batch_size,
                                  progress=False, with_eos=self.args.es_eos)

@@ -177,3 +177,17 @@ def test_every_split_starts_from_the_original_weights(tmp_path):
     row = sw.config("ga", "forget01", {})
     assert row["es_exact_unlearn"] < sw.split("forget01")["before"]["es_exact_unlearn"]
     assert sw.split("forget05")["before"] == sweep.Sweep(args).split("forget05")["before"]
+
+
+def test_table1_after_a_grid_run_earlier_keeps_its_rows(tmp_path):
+    """Table 1 of a pick made by an earlier run unlearns it again, beside its row, never over it."""
+    out = tmp_path / "sw"
+    common = ["sweep.py", "--method", "ga", "--split", "forget01", "--out", str(out)]
+    assert run_script(*common, "--no-table1").returncode == 0
+    first = rows(out)
+    r = run_script(*common, "--retain-stats", retain_stats(tmp_path / "stats.json"))
+    assert r.returncode == 0, r.stderr
+    assert "1 configurations, 1 already done" in r.stdout and rows(out) == first
+    assert (out / "runs" / "ga-forget01" / "row.json").is_file() and not (out / "scratch").exists()
+    t1 = json.load(open(out / "table1.json"))["rows"]
+    assert t1[1]["method"] == "ga" and t1[1]["es_exact_unlearn"] == first[0]["es_exact_unlearn"]  # lam* 1 here
