@@ -417,8 +417,11 @@ def figure(path: Path, title: str, param: str, by_split: dict, before: dict):
             ax.plot([r["params"][param] for r in rs], [r[col] for r in rs], "o-", color=color, label=sp)
             if sp in before:
                 ax.axhline(before[sp][col], color=color, ls="--", lw=1, label=f"{sp} before unlearning")
-        ax.set_xscale("symlog", linthresh=0.1 if param != "c" else 1)
         values = sorted({r["params"][param] for rs in by_split.values() for r in rs})
+        if values[0] > 0:
+            ax.set_xscale("log")
+        else:  # RMU's c = 0 (the random target at the origin)
+            ax.set_xscale("symlog", linthresh=1)
         ax.set_xticks(values, [f"{v:g}" for v in values], fontsize=7)
         ax.minorticks_off()
         ax.set_xlabel(param)
