@@ -84,8 +84,11 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
     r = run_script(*args, "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "b"
+    # SIGINT back to its default in the child: a suite started in the background (nohup, `&`) has it
+    # ignored, and a child inherits that
     p = subprocess.Popen([sys.executable, *args, "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not list(out.glob("runs/*/row.json")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
