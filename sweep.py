@@ -180,7 +180,7 @@ class Sweep:
         self.tol = args.tol if args.tol is not None else common.PRESETS.get(self.preset, common.OTHER)["uwc_tol"]
         self.splits = {}
         self.cached_ref = None  # the reference with a cache, for the split being swept
-        self.kept = {}  # (method, split) -> (params, theta_u) of the best configuration so far
+        self.kept = {}  # (method, split) -> (row, theta_u) of the best configuration so far
 
     def split(self, split: str) -> dict:
         """The split's rows, encoded sets and the original model's ES (the 'before unlearning' row)."""
@@ -316,8 +316,9 @@ def fmt(v):
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def tuning_tables(rows: list, before: dict, layers: dict) -> list:
-    """Tables 2-10: (title, param, fixed params, {split: [rows sorted by the param]}) of what is on disk."""
+def tuning_tables(rows: list, layers: dict) -> list:
+    """Tables 2-10 of what is on disk: (title, swept param, method, fixed params, {split: [rows sorted
+    by the swept param]})."""
     out = []
     specs = [("wga", "alpha", {}), ("npo", "beta", {}), ("tnpo", "beta", {})]
     specs += [("wtnpo", "beta", dict(alpha=a)) for a in sorted({r["params"]["alpha"] for r in rows
@@ -352,7 +353,7 @@ def paper_table(method: str, fixed: dict, layers: dict):
 def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: list):
     """sweep.json, tables.md, table1.md/.json and the figures, each written atomically."""
     before = {sp: s["before"] for sp, s in sweep.splits.items()}
-    tables = tuning_tables(rows, before, sweep.layers)
+    tables = tuning_tables(rows, sweep.layers)
     md = [f"# UWC tuning ({sweep.preset or sweep.path}, data {sweep.data}, KL, tol {sweep.tol:g})\n",
           "Values after UWC (the paper's Appendix G layout); λ* is the mixing weight UWC found.\n"]
     for title, param, method, fixed, by_split in tables:
