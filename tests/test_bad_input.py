@@ -1,11 +1,13 @@
 """Bad input, from the command line: one clear line on stderr, exit status 2, no traceback, and
-nothing written at --out (nor its .tmp twin). One case for each item of the list below."""
+nothing written at --out (nor its .tmp twin). One case for each item of the list below; those in
+SUBPROCESS run as a separate `python script.py` (what the hub and transformers print shows there),
+the others call the script's main() in this process (the same line, without starting Python)."""
 import json
 import shutil
 
 import pytest
 
-from conftest import run_script
+from conftest import run_main, run_script
 
 ROW = {"question": "Who is X?", "answer": "X is a writer."}
 
@@ -60,12 +62,16 @@ CASES = {  # name: (script, flags or a function making them, what the line must 
 }
 
 
+SUBPROCESS = {"unknown --reg", "unreachable hub id", "model folder without weights"}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input(case, tmp_path, tiny_path):
     script, flags, msg = CASES[case]
     flags = flags(tmp_path, tiny_path) if callable(flags) else flags
     before = sorted(p.name for p in tmp_path.iterdir())
-    r = run_script(script, "--out", str(tmp_path / "x"), *flags)
+    run = run_script if case in SUBPROCESS else run_main
+    r = run(script, "--out", str(tmp_path / "x"), *flags)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and msg in lines[0], r.stderr[-2000:]

@@ -9,7 +9,7 @@ import torch
 
 import common
 import fictitious
-from conftest import run_script
+from conftest import run_main, run_script
 
 QA = common.QA_TEMPLATE
 INST = "[INST] {q} [/INST]{a}"
@@ -243,7 +243,7 @@ def test_interrupted_run_leaves_no_model(tmp_path):
     (["--template", "{a} then {q}"], "must contain {q} and then {a}"),
 ])
 def test_finetune_bad_input(argv, msg, tmp_path):
-    r = run_script("finetune.py", "--out", str(tmp_path / "x"), *argv)
+    r = run_main("finetune.py", "--out", str(tmp_path / "x"), *argv)
     assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.listdir(tmp_path)
 

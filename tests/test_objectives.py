@@ -13,7 +13,7 @@ import rmu
 import tnpo
 import wga
 import wtnpo
-from conftest import run_script
+from conftest import run_main
 
 METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
 
@@ -209,7 +209,7 @@ def test_regularizer_gradient_is_masked_to_answer_tokens(setup, reg):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_help(method):
-    r = run_script(f"{method}.py", "--help")
+    r = run_main(f"{method}.py", "--help")
     assert r.returncode == 0 and "--reg {none,gd,kl,rr}" in r.stdout and "--log-every" in r.stdout
 
 
@@ -245,7 +245,7 @@ def test_two_steps(method, reg, tiny_path, tmp_path, capsys):
     ("wga", ["--geffect-every", "-1"], "--geffect-every must be >= 0"),
 ])
 def test_bad_flags(method, argv, msg, tiny_path, tmp_path):
-    r = run_script(f"{method}.py", "--out", str(tmp_path / "x"), *argv)
+    r = run_main(f"{method}.py", "--out", str(tmp_path / "x"), *argv)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.tmp").exists()
@@ -253,10 +253,10 @@ def test_bad_flags(method, argv, msg, tiny_path, tmp_path):
 
 def test_existing_model_is_kept_unless_overwrite(tiny_path, tmp_path):
     out = tmp_path / "run"
-    assert run_script("ga.py", "--max-steps", "1", "--out", str(out)).returncode == 0
+    assert run_main("ga.py", "--max-steps", "1", "--no-eval", "--out", str(out)).returncode == 0
     before = (out / "model.safetensors").read_bytes()
-    r = run_script("ga.py", "--max-steps", "1", "--lr", "0.01", "--out", str(out))
+    r = run_main("ga.py", "--max-steps", "1", "--lr", "0.01", "--no-eval", "--out", str(out))
     assert r.returncode == 2 and "already holds a model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert (out / "model.safetensors").read_bytes() == before and not (tmp_path / "run.tmp").exists()
-    r = run_script("ga.py", "--max-steps", "1", "--lr", "0.01", "--out", str(out), "--overwrite")
+    r = run_main("ga.py", "--max-steps", "1", "--lr", "0.01", "--no-eval", "--out", str(out), "--overwrite")
     assert r.returncode == 0 and (out / "model.safetensors").read_bytes() != before

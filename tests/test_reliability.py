@@ -1,6 +1,5 @@
 """Faults and reproducibility: a NaN stops the run, SIGTERM leaves no model, a seed repeats a run."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import uwc
-from conftest import run_script
+from conftest import run_main, run_script
 
 
 @pytest.fixture(scope="module")
 def two_models(tiny_path, tmp_path_factory):
     """The tiny target model and a 2-step GA run from it (an 'unlearned' model)."""
     out = tmp_path_factory.mktemp("uwc") / "ga"
-    r = run_script("ga.py", "--max-steps", "2", "--lr", "0.01", "--no-eval", "--out", str(out))
+    r = run_main("ga.py", "--max-steps", "2", "--lr", "0.01", "--no-eval", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return tiny_path, str(out)
 
@@ -89,9 +89,9 @@ def test_uwc_command(two_models, tmp_path):
 
 
 def test_uwc_bad_input(tmp_path):
-    r = run_script("uwc.py", "--model", str(tmp_path / "nope"))
+    r = run_main("uwc.py", "--model", str(tmp_path / "nope"))
     assert r.returncode == 2 and "unlearned run folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_script("uwc.py", "--model", str(tmp_path), "--tol", "1.5", "--original", "tiny")
+    r = run_main("uwc.py", "--model", str(tmp_path), "--tol", "1.5", "--original", "tiny")
     assert r.returncode == 2 and "--tol must be in [0, 1)" in r.stderr
 
 
@@ -105,5 +105,5 @@ def test_uwc_no_fq(two_models, tmp_path, monkeypatch):
     assert res["lam"] == 1.0 and res["summary"]["log10_forget_quality"] is None
     d = json.load(open(tmp_path / "mixed" / "eval.json"))
     assert d["fq_skipped"] is True and d["forget_quality"] is None
-    r = run_script("uwc.py", "--model", unlearned, "--no-fq", "--retain-stats", str(tmp_path / "x.json"))
+    r = run_main("uwc.py", "--model", unlearned, "--no-fq", "--retain-stats", str(tmp_path / "x.json"))
     assert r.returncode == 2 and r.stderr.strip() == "uwc.py: error: --no-fq and --retain-stats exclude each other"
