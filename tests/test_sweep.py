@@ -11,7 +11,7 @@ import torch
 
 import sweep
 import uwc
-from conftest import ROOT, run_main, run_script
+from conftest import ROOT, run_main
 
 SCORES = ("es_exact_retain", "es_exact_unlearn", "es_perturb_retain", "es_perturb_unlearn")
 
