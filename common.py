@@ -29,7 +29,7 @@ OUT = ROOT / "out"  # runs and the cached tiny model (git-ignored)
 # Model presets. `path` is what gets loaded; `base` is what finetune.py starts from.
 # lr/epochs are the unlearning defaults (the paper's Section 5 for phi-1.5 and Llama-2-7B);
 # finetune_* are finetune.py's (TOFU's for the hub models; the tiny model starts from scratch).
-# lora_lr: the default with --lora-r (tiny: measured, docs/lora.md; hub presets: 10x the full lr, unmeasured).
+# lora_lr: the default with --lora-r (tiny: measured, docs/lora.md; the hub presets: TOFU's LoRA configs' 1e-4).
 QA_TEMPLATE = "Question: {q}\nAnswer: {a}"
 PRESETS = {
     "tiny": dict(path=str(OUT / "tiny" / "full"), base=None, template=QA_TEMPLATE, data="builtin",
@@ -39,7 +39,7 @@ PRESETS = {
                  other_data=dict(finetune_lr=3e-3, finetune_epochs=20, finetune_batch=32)),
     "phi-1.5": dict(path="locuslab/tofu_ft_phi-1.5", base="microsoft/phi-1_5", template=QA_TEMPLATE,
                     data="locuslab/TOFU", lr=2e-5, epochs=5, finetune_lr=2e-5, finetune_epochs=5,
-                    finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0, lora_lr=2e-4, finetune_lora_lr=2e-4),
+                    finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0, lora_lr=1e-4, finetune_lora_lr=1e-4),
     "llama2-7b": dict(path="locuslab/tofu_ft_llama2-7b", base="NousResearch/Llama-2-7b-chat-hf",
                       template="[INST] {q} [/INST]{a}", data="locuslab/TOFU", lr=1e-5, epochs=5,
                       finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05, rmu_layer=21, rmu_c=2.0,
@@ -651,8 +651,9 @@ def load_for_unlearning(args, reference: bool, loaded: tuple = None):
         raise UsageError("--lora-r is for a method script run on its own, not on models passed in memory")
     if getattr(args, "geffect_every", 0):
         decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
-    if loaded is None and reference:  # with LoRA, the same base weights with the adapters off
-        ref_model = AdaptersOff(model) if lora_r else load_model(path, args.trust_remote_code, frozen=True)
+    if loaded is None:  # with LoRA, the reference is the same base weights with the adapters off
+        ref_model = None if not reference else AdaptersOff(model) if lora_r else \
+            load_model(path, args.trust_remote_code, frozen=True)
     elif reference and ref_model is None:
         raise UsageError("this method needs the original model as a reference, and none was passed")
     n_layers = model.config.num_hidden_layers

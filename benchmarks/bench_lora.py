@@ -33,7 +33,7 @@ import json, resource, sys
 sys.path.insert(0, {root!r})
 import wga
 out = wga.main({argv!r})
-summary = json.load(open(out + "/summary.json"))
+summary = json.load(open(str(out) + "/summary.json"))
 print("RESULT " + json.dumps(dict(rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                   seconds=summary["seconds"], steps=summary["steps"])))
 """

@@ -205,3 +205,11 @@ def test_lora_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setattr(common, "world", lambda: (0, 2))
     with pytest.raises(common.UsageError, match="one process"):
         common.check_lora(lora_args())
+
+
+@pytest.mark.parametrize("reg", ["none", "gd"])
+def test_lora_without_a_reference(reg, tmp_path, tiny_path):
+    r = run_main("npo.py", "--split", "forget01", "--lora-r", "2", "--reg", reg, "--max-steps", "1", "--no-eval",
+                 "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert "LoRA r=2 alpha=32 on all-linear: 0.031M of" in r.stdout  # 6 layers x 7 projections x 2 x (d_in + d_out)
