@@ -4,6 +4,7 @@ log-probabilities, optimizer and schedule, logging and atomic saving. No method 
 lives here: each objective is written out in its own file (ga.py, wga.py, ...).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,23 +29,26 @@ OUT = ROOT / "out"  # runs and the cached tiny model (git-ignored)
 # Model presets. `path` is what gets loaded; `base` is what finetune.py starts from.
 # lr/epochs are the unlearning defaults (the paper's Section 5 for phi-1.5 and Llama-2-7B);
 # finetune_* are finetune.py's (TOFU's for the hub models; the tiny model starts from scratch).
+# lora_lr: the default with --lora-r (tiny: measured, docs/lora.md; the hub presets: TOFU's LoRA configs' 1e-4).
 QA_TEMPLATE = "Question: {q}\nAnswer: {a}"
 PRESETS = {
     "tiny": dict(path=str(OUT / "tiny" / "full"), base=None, template=QA_TEMPLATE, data="builtin",
                  lr=1e-3, epochs=5, finetune_lr=3e-3, finetune_epochs=30, finetune_batch=32, uwc_tol=0.10,
-                 rmu_layer=3, rmu_c=4.0,
+                 rmu_layer=3, rmu_c=4.0, lora_lr=3e-3, finetune_lora_lr=3e-3,
                  # its fine-tune on any other data source, sized for the real TOFU (docs/real_tofu.md)
                  other_data=dict(finetune_lr=3e-3, finetune_epochs=20, finetune_batch=32)),
     "phi-1.5": dict(path="locuslab/tofu_ft_phi-1.5", base="microsoft/phi-1_5", template=QA_TEMPLATE,
                     data="locuslab/TOFU", lr=2e-5, epochs=5, finetune_lr=2e-5, finetune_epochs=5,
-                    finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0),
+                    finetune_batch=16, uwc_tol=0.10, rmu_layer=9, rmu_c=4.0, lora_lr=1e-4, finetune_lora_lr=1e-4),
     "llama2-7b": dict(path="locuslab/tofu_ft_llama2-7b", base="NousResearch/Llama-2-7b-chat-hf",
                       template="[INST] {q} [/INST]{a}", data="locuslab/TOFU", lr=1e-5, epochs=5,
-                      finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05, rmu_layer=21, rmu_c=2.0),
+                      finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05, rmu_layer=21, rmu_c=2.0,
+                      lora_lr=1e-4, finetune_lora_lr=1e-4),
 }
 # a hub id or a local folder: these, unless the flags say otherwise
 OTHER = dict(template=QA_TEMPLATE, data="locuslab/TOFU", lr=1e-5, epochs=5, finetune_lr=1e-5,
-             finetune_epochs=5, finetune_batch=16, uwc_tol=0.10, rmu_layer=None, rmu_c=4.0)
+             finetune_epochs=5, finetune_batch=16, uwc_tol=0.10, rmu_layer=None, rmu_c=4.0, lora_lr=1e-4,
+             finetune_lora_lr=1e-4)
 SPLITS = ("forget01", "forget05", "forget10")
 N_EVAL = 400  # the first rows of every retain split are for evaluation only (paper, Appendix B.1)
 
@@ -113,6 +118,12 @@ def add_shared_flags(parser, split="forget05"):
     a("--log-every", type=int, default=1, help="print and log every N steps")
     a("--overwrite", action="store_true", help="replace a model already in --out (refused otherwise)")
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
+    a("--lora-r", type=int, default=0, help="LoRA rank: train peft adapters only, merged into the saved model "
+                                            "(0 = off: every weight trains)")
+    a("--lora-alpha", type=float, default=32, help="LoRA scale: the update is alpha/r x BA (TOFU's 32)")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (0: a deterministic G-effect)")
+    a("--lora-targets", default="all-linear", help="comma-separated module names to adapt (default: every linear "
+                                                   "layer but the output layer, i.e. the attention and MLP projections)")
 
 
 def add_unlearn_flags(parser):
@@ -159,7 +170,7 @@ def resolve_flags(args, finetune=False):
     if finetune and args.data != "builtin" and "other_data" in p:
         p = {**p, **p["other_data"]}
     pre = "finetune_" if finetune else ""
-    args.lr = p[pre + "lr"] if args.lr is None else args.lr
+    args.lr = p[pre + ("lora_lr" if args.lora_r else "lr")] if args.lr is None else args.lr
     args.epochs = p[pre + "epochs"] if args.epochs is None else args.epochs
     if finetune and args.batch_size is None:
         args.batch_size = p["finetune_batch"]  # a method's default depends on the forget set: see fit_batch
@@ -176,6 +187,7 @@ def resolve_flags(args, finetune=False):
         raise UsageError(f"--reg-weight must be >= 0, got {args.reg_weight}")
     if getattr(args, "rr_layer", 0) is None:
         args.rr_layer = p["rmu_layer"]
+    check_lora(args)
     q, a = args.template.find("{q}"), args.template.find("{a}")
     if q < 0 or a < q:
         raise UsageError(f"--template must contain {{q}} and then {{a}}, got {args.template!r}")
@@ -614,9 +626,11 @@ def load_for_unlearning(args, reference: bool, loaded: tuple = None):
     """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
     raises UsageError. A layer flag is checked against the model's depth here, and with
     --geffect-every that the decoder layers can be found (decoder_layers). Under torchrun this
-    starts the process group and the models come back sharded (FSDP2). `loaded`: the same four
-    already in memory (sweep.py runs many configurations in one process): checked, not reloaded."""
+    starts the process group and the models come back sharded (FSDP2). With --lora-r the model is
+    wrapped in adapters and the reference is the same model with them off (AdaptersOff). `loaded`: the
+    same four already in memory (sweep.py runs many configurations in one process): checked, not reloaded."""
     init_distributed()
+    lora_r = getattr(args, "lora_r", 0)
     if loaded is not None:
         data, tokenizer, model, ref_model = loaded
     else:
@@ -627,11 +641,19 @@ def load_for_unlearning(args, reference: bool, loaded: tuple = None):
         path = model_path(args.model, args.data)
         warn_data(path, args.data)
         tokenizer = load_tokenizer(path, args.trust_remote_code)
-        model = load_model(path, args.trust_remote_code)
+        model = load_model(path, args.trust_remote_code, lora=args)
+        if lora_r:
+            n_train, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
+                              for only in (True, False))
+            print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {args.lora_targets}: "
+                  f"{n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters train")
+    elif lora_r:
+        raise UsageError("--lora-r is for a method script run on its own, not on models passed in memory")
     if getattr(args, "geffect_every", 0):
         decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
-    if loaded is None:
-        ref_model = load_model(path, args.trust_remote_code, frozen=True) if reference else None
+    if loaded is None:  # with LoRA, the reference is the same base weights with the adapters off
+        ref_model = None if not reference else AdaptersOff(model) if lora_r else \
+            load_model(path, args.trust_remote_code, frozen=True)
     elif reference and ref_model is None:
         raise UsageError("this method needs the original model as a reference, and none was passed")
     n_layers = model.config.num_hidden_layers
@@ -759,7 +781,7 @@ def load_tokenizer(path: str, trust_remote_code=False):
     return tok
 
 
-def load_model(path: str, trust_remote_code=False, frozen=False):
+def load_model(path: str, trust_remote_code=False, frozen=False, lora=None):
     """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
     `frozen=True` gives the reference model: eval mode, no gradients. Under torchrun only rank 0
     reads the weights; the others build an empty skeleton, and `place` shards the model and
@@ -782,12 +804,79 @@ def load_model(path: str, trust_remote_code=False, frozen=False):
     model = rank0_first(read)
     if frozen:
         model.eval().requires_grad_(False)
+    if getattr(lora, "lora_r", 0):
+        model = add_lora(model, lora)
     return place(model)
 
 
 def place(model):
     """Put `model` on this process's device: whole in a plain run, sharded with FSDP2 under torchrun."""
     return shard_model(model) if world()[1] > 1 else model.to(device_and_dtype()[0])
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+
+def check_lora(args):
+    """Raise UsageError on bad --lora-* flags."""
+    if args.lora_r < 0 or args.lora_alpha <= 0 or not 0 <= args.lora_dropout < 1:
+        raise UsageError(f"--lora-r must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1), got "
+                         f"{args.lora_r}, {args.lora_alpha:g} and {args.lora_dropout:g}")
+    if args.lora_r and world()[1] > 1:
+        raise UsageError("--lora-r runs in one process: FSDP2 sharding of peft adapters is not supported here "
+                         "(start it with python, not torchrun)")
+
+
+def add_lora(model, args):
+    """`model` wrapped in peft LoRA adapters of rank args.lora_r on args.lora_targets ('all-linear':
+    every nn.Linear but the output layer, found by peft from the model itself, no per-model table).
+    peft freezes the base weights: only the adapters train. Seeded, so a run is reproducible."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--lora-r needs peft: pip install peft")
+    targets = args.lora_targets if args.lora_targets == "all-linear" else \
+        [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    torch.manual_seed(args.seed)  # B = 0 and A random: the run starts at theta_o whatever the seed
+    try:
+        with quiet_peft():
+            return get_peft_model(model, config)
+    except ValueError as e:
+        raise UsageError(f"--lora-targets {args.lora_targets}: {(str(e).splitlines() or [''])[0][:200]}")
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers a deprecated question (is_gradient_checkpointing): not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+class AdaptersOff:
+    """theta_o of a LoRA run, without a second copy of the base model in memory: the model itself
+    with its adapters disabled, in eval mode (as a frozen reference model is). The base weights are
+    frozen, so this is exactly the original model at every step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(training)
+
+    def __getattr__(self, name):  # .device, .config, ... of the model
+        return getattr(self.model, name)
 
 
 def _load_error(what, path, e):
@@ -801,7 +890,8 @@ def _load_error(what, path, e):
 # ----------------------------------------------------------------------------- optimisation
 
 def make_optimizer(params, optim: str, lr: float):
-    """AdamW with TOFU's weight decay of 0.01, or plain SGD."""
+    """AdamW with TOFU's weight decay of 0.01, or plain SGD, over the trainable parameters."""
+    params = [p for p in params if p.requires_grad]  # with LoRA: the adapters
     if optim == "sgd":
         return torch.optim.SGD(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -885,7 +975,9 @@ class Run:
     def save(self, model, tokenizer, extra: dict = None, weights: bool = True):
         """save_pretrained (safetensors) into the run folder and move it into place. Under torchrun
         the shards are gathered into one full state dict on rank 0, which writes an ordinary folder.
-        weights=False (--no-save) moves the logs and `extra` into place without the model."""
+        weights=False (--no-save) moves the logs and `extra` into place without the model. A LoRA
+        model is saved merged (AutoModelForCausalLM loads it), with the adapter alone in `adapter/`;
+        merging is done in place, so the model is no longer a peft model afterwards."""
         state = None
         if not weights:
             model = None
@@ -903,6 +995,9 @@ class Run:
         self._log.close()
         from transformers.utils import logging
         logging.disable_progress_bar()  # one line per saved model is enough
+        if model is not None and is_lora(model):  # the adapter beside an ordinary folder of theta_o + BA
+            model.save_pretrained(self.tmp / "adapter", safe_serialization=True)
+            model = model.merge_and_unload()  # in place: the run is over
         if model is not None:
             model.save_pretrained(self.tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(self.tmp)

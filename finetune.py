@@ -97,10 +97,12 @@ def main(argv=None):
             size = tiny_size(args.data)
             tokenizer = tiny_tokenizer(tokenizer_rows(args.data), size["vocab"])
             model = tiny_model(tokenizer, args.seed, size)
+            if args.lora_r:  # adapters on a random model: allowed, though only the full fine-tune memorises
+                model = common.add_lora(model, args)
         else:
             base = common.PRESETS[args.model]["base"] if args.model in common.PRESETS else args.model
             tokenizer = common.load_tokenizer(base, args.trust_remote_code)
-            model = common.load_model(base, args.trust_remote_code)  # placed (sharded under torchrun)
+            model = common.load_model(base, args.trust_remote_code, lora=args)  # placed (sharded under torchrun)
         examples = common.encode_rows(tokenizer, args.template, rows)
         per_epoch, total, warmup = common.steps_for(len(examples), args)
     except common.UsageError as e:
@@ -114,13 +116,15 @@ def main(argv=None):
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
     n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     estimate = ""
     if args.model == "tiny" and device.type == "cpu":  # scaled from the measured built-in fine-tune
         padded = sum(max(len(examples[i]["input_ids"]) for i in idx) * len(idx)  # what a padded epoch computes
                      for idx in common.epoch_batches(len(examples), args.batch_size, args.seed, 0))
         seconds = total / per_epoch * padded * n_params * SECONDS_PER_TOKEN_PARAM
         estimate = f" | about {max(1, round(seconds / 60))} min on 2 CPU cores"
-    print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params | "
+    print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params"
+          f"{f' ({n_train / 1e6:.3f}M trainable, LoRA r={args.lora_r})' if args.lora_r else ''} | "
           f"{total} steps | lr {args.lr:g} | {device}{estimate}", flush=True)
 
     # training loop, under a progress bar with elapsed time and ETA; the step lines are printed above it

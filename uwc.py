@@ -15,7 +15,8 @@ they still remove at equal retention. --tol defaults to the preset's: 10% for ti
 The mixed model is an ordinary model folder, with uwc.json (lam*, every probe, the final
 metrics) and eval.json; the Table 1 row at lam* is printed. Mixing streams over the
 parameters in place, reading theta_o and theta_u tensor by tensor from their safetensors
-files: the model in memory is the only full copy. The paper's tuning of every method under UWC
+files: the model in memory is the only full copy. A LoRA run (its folder has adapter/) is mixed
+exactly and cheaply: theta_o + lam BA is theta_o with the adapter scaled by lam. The paper's tuning of every method under UWC
 (Tables 2-10) and its Table 1 built from it: sweep.py.
 """
 import json
@@ -89,6 +90,23 @@ def mix_state_(model, original: dict, unlearned: dict, lam: float):
         p.copy_(o if lam == 0 else torch.lerp(o.float(), u.to(o.device).float(), lam))  # (1 - lam) o + lam u
 
 
+def scale_adapter(model):
+    """For a LoRA run (a peft model of theta_o and the run's adapter): a function lam -> sets every
+    adapter's B to lam x its trained value, so that the model is theta_o + lam BA, the same model
+    as mixing theta_o with the merged theta_o + BA, for the price of the adapter alone. The base
+    weights are never touched, and the adapter saved with the mixed model is the scaled one."""
+    trained = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_B." in name}
+    if not trained:
+        raise common.UsageError("the run's adapter/ holds no LoRA weights (lora_B)")
+    params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def set_lam(lam):
+        for name, b in trained.items():
+            params[name].copy_(b * lam)
+    return set_lam
+
+
 def search(retain_es, target: float, resolution: float = 0.01):
     """The largest lam in [0, 1] with retain_es(lam) >= target, to `resolution`: lam = 1 first, then
     bisection between a feasible lo (0: the original model) and an infeasible hi. Returns (lam, probes)."""
@@ -126,17 +144,26 @@ def run_uwc(args):
     if not 0 <= tol < 1:
         raise common.UsageError(f"--tol must be in [0, 1), got {tol}")
     original_path = common.model_path(original, data)
-    unlearned = safetensors_files(args.model)
-    base = safetensors_files(original_path)
     split = common.split_data(args.split, data)
     tokenizer = common.load_tokenizer(args.model)
-    model = common.load_model(args.model, frozen=True)
+    adapter = os.path.join(args.model, "adapter")
+    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # a LoRA run: scale its adapter
+        model = common.load_model(original_path, frozen=True)
+        from peft import PeftModel
+        with common.quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        set_lam = scale_adapter(model)
+    else:
+        unlearned = safetensors_files(args.model)
+        base = safetensors_files(original_path)
+        model = common.load_model(args.model, frozen=True)
+        set_lam = lambda lam: mix_(model, base, unlearned, lam)
     out = args.out or f"{args.model.rstrip('/')}-uwc"
     if (Path(out) / "config.json").exists() and not args.overwrite:
         raise common.UsageError(f"{out} already holds a model: pass --overwrite to replace it")
 
     def retain_es(lam):
-        mix_(model, base, unlearned, lam)
+        set_lam(lam)
         return eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["retain_eval"], template, args.batch_size,
                                                  with_eos=args.es_eos))
 
@@ -145,9 +172,9 @@ def run_uwc(args):
     for p in probes:
         print(f"lam {p['lam']:.4f} | retain ES-exact {p['retain_es']:.4f} | {'ok' if p['feasible'] else 'too low'}")
     print(f"lam* = {lam:.4f} (retain ES-exact >= {target_es:.4f} = (1 - {tol:g}) x original)", flush=True)
-    mix_(model, base, unlearned, lam)
+    set_lam(lam)
 
-    # save the mixed model as an ordinary folder, atomically, then its Table 1 row
+    # save the mixed model as an ordinary folder (and a LoRA run's scaled adapter), atomically, then its Table 1 row
     run = common.Run(out, args)
     run.save(model, tokenizer)
     argv = ["--model", out, "--split", args.split, "--data", data, "--template", template,
