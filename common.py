@@ -996,7 +996,8 @@ class Run:
         from transformers.utils import logging
         logging.disable_progress_bar()  # one line per saved model is enough
         if model is not None and is_lora(model):  # the adapter beside an ordinary folder of theta_o + BA
-            model.save_pretrained(self.tmp / "adapter", safe_serialization=True)
+            # the adapter alone (peft would otherwise look the base model up on the hub)
+            model.save_pretrained(self.tmp / "adapter", safe_serialization=True, save_embedding_layers=False)
             model = model.merge_and_unload()  # in place: the run is over
         if model is not None:
             model.save_pretrained(self.tmp, state_dict=state, safe_serialization=True)

@@ -87,6 +87,9 @@ def main(argv=None):
     try:
         common.init_distributed()  # under torchrun (a no-op otherwise)
         common.resolve_flags(args, finetune=True)
+        if args.model == "tiny" and args.lora_r:
+            raise common.UsageError("--lora-r adapts a pre-trained model: the tiny preset starts from random "
+                                    "weights (and its folder is every tiny run's target model)")
         rows = common.load_tofu(args.split, args.data)
         if args.model == "tiny":  # general knowledge, learnt alongside (see the docstring)
             rows += common.load_tofu("real_authors", args.data) + common.load_tofu("world_facts", args.data)
@@ -97,8 +100,6 @@ def main(argv=None):
             size = tiny_size(args.data)
             tokenizer = tiny_tokenizer(tokenizer_rows(args.data), size["vocab"])
             model = tiny_model(tokenizer, args.seed, size)
-            if args.lora_r:  # adapters on a random model: allowed, though only the full fine-tune memorises
-                model = common.add_lora(model, args)
         else:
             base = common.PRESETS[args.model]["base"] if args.model in common.PRESETS else args.model
             tokenizer = common.load_tokenizer(base, args.trust_remote_code)

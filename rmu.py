@@ -50,6 +50,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
         args.c = preset["rmu_c"] if args.c is None else args.c
         if args.layer is None:
             raise common.UsageError("--layer is needed for a model that is not a preset")
+        if args.lora_r and args.layer == 0 and args.lora_targets == "all-linear":
+            raise common.UsageError("--layer 0 is the embeddings, which the LoRA adapters leave as they are")
         geffect.check_flags(args)
         data, tokenizer, model, ref_model = common.load_for_unlearning(
             args, reference=args.reg in ("kl", "rr"), loaded=loaded)

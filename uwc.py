@@ -95,7 +95,8 @@ def scale_adapter(model):
     adapter's B to lam x its trained value, so that the model is theta_o + lam BA, the same model
     as mixing theta_o with the merged theta_o + BA, for the price of the adapter alone. The base
     weights are never touched, and the adapter saved with the mixed model is the scaled one."""
-    trained = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_B." in name}
+    trained = {name: p.detach().clone() for name, p in model.named_parameters()
+               if ".lora_B." in name or ".lora_embedding_B." in name}
     if not trained:
         raise common.UsageError("the run's adapter/ holds no LoRA weights (lora_B)")
     params = dict(model.named_parameters())
@@ -147,7 +148,11 @@ def run_uwc(args):
     split = common.split_data(args.split, data)
     tokenizer = common.load_tokenizer(args.model)
     adapter = os.path.join(args.model, "adapter")
-    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):  # a LoRA run: scale its adapter
+    # a LoRA run mixed with the model it was trained from: scale its adapter (any other original, or a
+    # folder that is not a LoRA run, such as a -uwc output that carries a scaled adapter: mix the weights)
+    trained_from = run_args.get("model") and common.model_path(run_args["model"], data)
+    if run_args.get("lora_r") and original_path == trained_from and \
+            os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         model = common.load_model(original_path, frozen=True)
         from peft import PeftModel
         with common.quiet_peft():

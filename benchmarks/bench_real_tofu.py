@@ -5,7 +5,7 @@ forget05 answers the target model reproduces exactly, greedily, from the questio
 command's ES before and after, and eval_tofu.py's Table 1 rows before and after unlearning on
 real forget05 (FQ against the real retain-only model), beside the built-in set's row.
 
-    python benchmarks/bench_real_tofu.py                  # the measurement: about 45-50 minutes on 2 idle CPU cores
+    python benchmarks/bench_real_tofu.py                  # the measurement: 57 minutes on 2 idle CPU cores
     python benchmarks/bench_real_tofu.py --quick          # the same steps, cut short: about 2-3 minutes
 
 The data is --data, else $TOFU_DIR, else ../shared/tofu. Every step runs the project's own script

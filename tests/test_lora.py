@@ -65,7 +65,11 @@ def test_only_the_adapters_train_and_the_reference_is_theta_o(tiny_path):
         assert torch.equal(at_start, original(**inputs).logits)  # B = 0: the adapted model is theta_o
         perturb_b_(model)
         model.train()
+        modes = []
+        hook = common.decoder_layers(model)[0].register_forward_pre_hook(lambda m, _: modes.append(m.training))
         ref = common.AdaptersOff(model)(**inputs, output_hidden_states=True)
+        hook.remove()
+        assert modes == [False]  # the reference runs in eval mode (no dropout), as a frozen model does
         want = original(**inputs, output_hidden_states=True)
         assert model.training  # the reference's eval mode does not leak into training
         assert torch.equal(ref.logits, want.logits)
@@ -81,12 +85,12 @@ def test_the_reference_is_no_second_copy(tiny_path):
     assert ref.config.num_hidden_layers == model.config.num_hidden_layers
 
 
-def test_saved_folder_is_theta_o_plus_ba_beside_its_adapter(lora_run, tiny_path):
-    cfg = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
-    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
-    adapter = load_file(lora_run / "adapter" / "adapter_model.safetensors")
-    merged = load_file(lora_run / "model.safetensors")
-    theta_o = load_file(common.model_path("tiny") + "/model.safetensors")
+def check_merged(run, base, scale) -> int:
+    """Every tensor of run/model.safetensors is base's + scale * B A of run/adapter, or base's own bytes
+    where there is no adapter; returns how many adapted tensors moved."""
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    merged = load_file(run / "model.safetensors")
+    theta_o = load_file(f"{base}/model.safetensors")
     assert set(merged) == set(theta_o)
     changed = 0
     for name, w in merged.items():
@@ -95,10 +99,17 @@ def test_saved_folder_is_theta_o_plus_ba_beside_its_adapter(lora_run, tiny_path)
             assert torch.equal(w, theta_o[name]), name  # embeddings, norms, output layer: untouched
             continue
         b = next(v for k, v in adapter.items() if k.endswith(name.replace(".weight", ".lora_B.weight")))
-        torch.testing.assert_close(w, theta_o[name] + (8 / 4) * b @ a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(w, theta_o[name] + scale * b @ a, rtol=0, atol=1e-6)
         changed += not torch.equal(w, theta_o[name])
-    assert changed == 7 * 6  # training moved every adapter (B left 0)
+    return changed
+
+
+def test_saved_folder_is_theta_o_plus_ba_beside_its_adapter(lora_run, tiny_path):
+    cfg = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert check_merged(lora_run, tiny_path, 8 / 4) == 7 * 6  # training moved every adapter (B left 0)
     model = AutoModelForCausalLM.from_pretrained(lora_run)  # an ordinary folder
+    theta_o = load_file(f"{tiny_path}/model.safetensors")
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in theta_o.values())
 
 
@@ -130,7 +141,12 @@ def test_uwc_scales_the_adapter_as_mixing_the_merged_weights(lora_run, tiny_path
     assert a["lam"] == b["lam"] and len(a["probes"]) == len(b["probes"]) > 1  # a real search, not lam = 1
     for pa, pb in zip(a["probes"], b["probes"]):
         assert pa["retain_es"] == pytest.approx(pb["retain_es"], abs=2e-3)
-    assert (tmp_path / f"{lora_run.name}-uwc" / "adapter" / "adapter_config.json").is_file()
+    # the mixed model: theta_o + lam* B A, saved merged with its adapter scaled by lam*
+    mixed_run = tmp_path / f"{lora_run.name}-uwc"
+    trained = load_file(lora_run / "adapter" / "adapter_model.safetensors")
+    scaled_b = load_file(mixed_run / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(scaled_b[k], trained[k] * a["lam"] if "lora_B" in k else trained[k]) for k in trained)
+    assert check_merged(mixed_run, tiny_path, 8 / 4) == 7 * 6
 
 
 def test_geffect_on_adapters_matches_an_sgd_step(tiny_tokenizer, tmp_path):
@@ -184,19 +200,25 @@ def test_finetune_with_lora_saves_an_ordinary_folder(tmp_path, tiny_path):
     import finetune
     out = tmp_path / "ft"
     finetune.main(["--model", tiny_path, "--data", "builtin", "--split", "retain99", "--lora-r", "2",
-                   "--max-steps", "2", "--out", str(out)])
-    assert (out / "adapter" / "adapter_config.json").is_file()
+                   "--lr", "1e-2", "--max-steps", "2", "--out", str(out)])
+    assert check_merged(out, tiny_path, 32 / 2) == 7 * 6  # alpha 32 by default; only the adapters trained
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("flags,says", [(["--lora-r", "-1"], "--lora-r must be >= 0"),
                                         (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout in [0, 1)"),
-                                        (["--lora-r", "4", "--lora-targets", "no_such_proj"], "--lora-targets")])
+                                        (["--lora-r", "4", "--lora-targets", "no_such_proj"], "--lora-targets"),
+                                        (["finetune.py", "--lora-r", "4"], "the tiny preset starts from random"),
+                                        (["rmu.py", "--lora-r", "4", "--layer", "0"], "--layer 0 is the embeddings")])
 def test_bad_lora_flags_say_one_line_and_write_nothing(flags, says, tmp_path, tiny_path):
     out = tmp_path / "bad"
     run = run_script if "--lora-targets" in flags else run_main  # peft's own error, seen from the command line
-    r = run("ga.py", "--split", "forget01", "--max-steps", "1", "--out", str(out), *flags)
+    script = "ga.py"
+    if flags[0] in ("finetune.py", "rmu.py"):
+        script, flags = flags[0], flags[1:]
+    r = run(script, "--split", "forget01" if script != "finetune.py" else "full", "--max-steps", "1",
+            "--out", str(out), *flags)
     assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists() and not (tmp_path / "bad.tmp").exists()
 
