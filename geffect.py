@@ -11,7 +11,8 @@ each step's own retain batch instead, the paper's D_t minus D_u), L the step's l
 e_r >= 0 retention (Figure 1). Values are split by parameter group (embed, shallow, middle,
 deep = the decoder layers in thirds, lm = final norm and output layer), by decoder layer, by
 loss term (objective, regularizer), and with --geffect-pointwise per forget sample (the
-PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample).
+PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample). With --geffect-order 1 or 2,
+each row also says what the real optimizer step did to each risk against what e predicts (Probe._delta).
 
     python wga.py --split forget05 --geffect-every 1              # writes RUN_DIR/geffect.jsonl
     python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]   # -> out/geffect.png
@@ -54,7 +55,7 @@ def add_flags(parser):
       help="D_r of the retaining G-effect: the --geffect-retain held-out rows, or each step's own retain batch "
            "(the paper's D_t minus D_u, as in the authors' code)")
     a("--geffect-pointwise", action="store_true", help="also the PG-effect of every forget sample (eq. 5)")
-    a("--geffect-order", type=int, choices=(0, 1, 2), default=1,
+    a("--geffect-order", type=int, choices=(0, 1, 2), default=0,
       help="what the real step did to each risk, beside the G-effect's -lr*e: nothing (0), the actual change and "
            "grad R . (the update) (1), and also 1/2 (update)^T H_R (update) (2: a Hessian-vector product per risk)")
 
@@ -68,7 +69,7 @@ def check_flags(args):
     if args.geffect_every and procs > 1:
         if args.geffect_pointwise:
             raise common.UsageError("--geffect-pointwise runs in one process only (not under torchrun)")
-        if getattr(args, "geffect_order", 1) == 2:
+        if getattr(args, "geffect_order", 0) == 2:
             raise common.UsageError("--geffect-order 2 runs in one process only (not under torchrun)")
         if args.geffect_dr == "heldout" and args.geffect_retain % procs:
             raise common.UsageError(f"--geffect-retain ({args.geffect_retain}) must be a multiple of the "
@@ -121,7 +122,7 @@ class Probe:
 
     def __init__(self, args, model, tokenizer, retain_rows, run_dir):
         self.every, self.pointwise = args.geffect_every, args.geffect_pointwise
-        self.order = getattr(args, "geffect_order", 1)
+        self.order = getattr(args, "geffect_order", 0)
         self.beta = getattr(args, "beta", None)
         self.model, self.pending = model, None
         check_flags(args)

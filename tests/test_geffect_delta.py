@@ -69,6 +69,7 @@ def test_taylor_orders(tiny_tokenizer, tmp_path):
     lrs = [1e-2, 5e-3, 2.5e-3, 1.25e-3]
     err = {k: {d: [] for d in ("unlearn", "retain")} for k in ("update", "second_order")}
     for i, lr in enumerate(lrs):
+        (tmp_path / str(i)).mkdir()
         row, _, _ = probed_step(tmp_path / str(i), tiny_tokenizer, lr=lr, order=2)
         for d in ("unlearn", "retain"):
             rec = row["delta"][d]
