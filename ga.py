@@ -72,7 +72,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
             logs["retain_nll"] += retain_nll or 0
             for k, v in stats.items():
                 logs[k] += v
-        grad_norm = common.clip_and_step(model, optimizer, args.max_grad_norm, step + 1)
+        grad_norm = probe.step(optimizer, args.max_grad_norm, step + 1)  # common.clip_and_step; probed: its effect
         tokens += n["forget_tok"]
         if measure:
             logs = common.all_sum(logs)  # under torchrun: the processes' shares of the step

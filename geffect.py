@@ -11,7 +11,8 @@ each step's own retain batch instead, the paper's D_t minus D_u), L the step's l
 e_r >= 0 retention (Figure 1). Values are split by parameter group (embed, shallow, middle,
 deep = the decoder layers in thirds, lm = final norm and output layer), by decoder layer, by
 loss term (objective, regularizer), and with --geffect-pointwise per forget sample (the
-PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample).
+PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample). With --geffect-order 1 or 2,
+each row also says what the real optimizer step did to each risk against what e predicts (Probe._delta).
 
     python wga.py --split forget05 --geffect-every 1              # writes RUN_DIR/geffect.jsonl
     python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]   # -> out/geffect.png
@@ -54,6 +55,9 @@ def add_flags(parser):
       help="D_r of the retaining G-effect: the --geffect-retain held-out rows, or each step's own retain batch "
            "(the paper's D_t minus D_u, as in the authors' code)")
     a("--geffect-pointwise", action="store_true", help="also the PG-effect of every forget sample (eq. 5)")
+    a("--geffect-order", type=int, choices=(0, 1, 2), default=0,
+      help="what the real step did to each risk, beside the G-effect's -lr*e: nothing (0), the actual change and "
+           "grad R . (the update) (1), and also 1/2 (update)^T H_R (update) (2: a Hessian-vector product per risk)")
 
 
 def check_flags(args):
@@ -65,6 +69,8 @@ def check_flags(args):
     if args.geffect_every and procs > 1:
         if args.geffect_pointwise:
             raise common.UsageError("--geffect-pointwise runs in one process only (not under torchrun)")
+        if getattr(args, "geffect_order", 0) == 2:
+            raise common.UsageError("--geffect-order 2 runs in one process only (not under torchrun)")
         if args.geffect_dr == "heldout" and args.geffect_retain % procs:
             raise common.UsageError(f"--geffect-retain ({args.geffect_retain}) must be a multiple of the "
                                     f"{procs} processes")
@@ -116,11 +122,13 @@ class Probe:
 
     def __init__(self, args, model, tokenizer, retain_rows, run_dir):
         self.every, self.pointwise = args.geffect_every, args.geffect_pointwise
+        self.order = getattr(args, "geffect_order", 0)
         self.beta = getattr(args, "beta", None)
+        self.model, self.pending = model, None
         check_flags(args)
         if not self.every:
             return
-        self.model, self.pad = model, tokenizer.pad_token_id
+        self.pad = tokenizer.pad_token_id
         self.params = param_groups(model)
         self.n_layers = model.config.num_hidden_layers
         self.step_dr = args.geffect_dr == "step"  # D_r: the step's retain batch, from the loop's micro-batches
@@ -196,19 +204,21 @@ class Probe:
         # R(D_u): the token-mean NLL of the forget batch, backward through the kept forward graphs
         n_u = self.kept[0][2]["n_tok"]  # answer tokens of the whole step (all processes)
         risk_u = -sum((lp * m).sum() for lp, m, _ in self.kept) / n_u
-        self.store = [None] * len(self.params) if self.pointwise else None
+        risk = dict(unlearn=risk_u.item(), retain=0.0)  # this process's share of R(theta_t)
+        keep = self.order > 0 or self.pointwise  # the risk gradients, kept until the step is taken (delta)
+        self.store = [None] * len(self.params) if keep else None
         self._stream("unlearn", risk_u, retain_graph=self.pointwise)
         saved["unlearn"] = self.store
         # R(D_r): the held-out retain sample, or the step's own retain batch; a forward and backward of its own
-        self.store = [None] * len(self.params) if self.pointwise else None
+        self.store = [None] * len(self.params) if keep else None
         last = self.kept[-1][2]
         d_r, d_r_tok = (last["step_retain"], last["retain_tok"]) if self.step_dr else (self.d_r, self.d_r_tok)
-        # in the step's mode (training: dropout if the config has some); the random state is put back
-        # after, so that a probed run draws the same dropout masks as an unprobed one
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with self._same_rng(dev):
             for b in d_r:
                 lp, m = common.answer_logprobs(self.model, b)
-                self._stream("retain", -(lp * m).sum() / d_r_tok)
+                r = -(lp * m).sum() / d_r_tok
+                risk["retain"] += r.item()
+                self._stream("retain", r)
         saved["retain"] = self.store
         self.store = None
         if common.world()[1] > 1:  # one all-reduce: the shards' dot products add up to the full ones
@@ -229,7 +239,104 @@ class Probe:
             for (_, p, _, _), e in zip(self.params, self.extra):
                 if e is not None:
                     p.grad = e if p.grad is None else p.grad.add_(e)
+        # what the optimizer step will do is measured after it (step): grad R . theta now, so that
+        # grad R . (theta_t+1 - theta_t) needs no copy of theta; with order 2 a copy all the same
+        params = [p for _, p, _, _ in self.params]
+        forget = [fb for _, _, fb in self.kept]
         self.extra, self.kept, self.dots = None, [], {}
+        if self.order == 0:
+            self._write(row)
+            return
+        self.pending = dict(row=row, risk=risk, saved=saved, forget=forget, n_u=n_u, d_r=d_r, d_r_tok=d_r_tok,
+                            dot_before={d: self._dots(saved[d], params) for d in saved},
+                            before=[p.detach().clone() for p in params] if self.order == 2 else None)
+
+    @staticmethod
+    def _same_rng(dev):
+        """Forwards in the step's mode (training: dropout if the config has some), with the random state
+        put back after, so that a probed run draws the same dropout masks as an unprobed one."""
+        return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
+
+    @staticmethod
+    def _dots(vectors, params) -> torch.Tensor:
+        """Per parameter, vector . parameter in float64 (this process's shards; 0 where no vector)."""
+        out = torch.zeros(len(params), dtype=torch.float64, device=params[0].device)
+        for i, (v, p) in enumerate(zip(vectors, params)):
+            if v is not None:
+                out[i] = torch.dot(common.local(v).flatten().double(), common.local(p.detach()).flatten().double())
+        return out
+
+    def _risk(self, batches, n_tok, grad=False):
+        """R of `batches` (answer-token NLL over n_tok), this process's share; a tensor if `grad`."""
+        with torch.set_grad_enabled(grad):
+            total = 0.0
+            for b in batches:
+                lp, m = common.answer_logprobs(self.model, b)
+                total = total - (lp * m).sum() / n_tok
+            return total
+
+    # ---- the loop's optimizer step
+    def step(self, optimizer, max_grad_norm, step):
+        """common.clip_and_step; after a measured step, what it did to each risk (the row's "delta")."""
+        norm = common.clip_and_step(self.model, optimizer, max_grad_norm, step)
+        if self.pending is not None:
+            self._delta(optimizer.param_groups[0]["lr"])
+        return norm
+
+    def _delta(self, lr):
+        """The row's "delta" for D_u and D_r, with theta_t+1 in place:
+        - actual: R(theta_t+1) - R(theta_t), one more forward of each set;
+        - gradient: -lr * e, the paper's first-order prediction of a plain gradient step;
+        - update: grad R(theta_t) . (theta_t+1 - theta_t), the first-order prediction of the real step
+          (clipping, AdamW, weight decay, schedule), as grad R . theta_t+1 - grad R . theta_t;
+        - second_order (--geffect-order 2): update + 1/2 (theta_t+1 - theta_t)^T H_R (theta_t+1 - theta_t),
+          the Hessian-vector product by double backward, taken at theta_t+1 (it differs from H at theta_t by
+          O(|step|), so the expansion keeps its order); per group too."""
+        pend, self.pending = self.pending, None
+        params = [p for _, p, _, _ in self.params]
+        dev = params[0].device
+        update = {d: self._dots(pend["saved"][d], params) - pend["dot_before"][d] for d in pend["saved"]}
+        sets = dict(unlearn=(pend["forget"], pend["n_u"]), retain=(pend["d_r"], pend["d_r_tok"]))
+        with self._same_rng(dev):
+            after = {d: float(self._risk(b, n)) for d, (b, n) in sets.items()}
+        quad = {}
+        if self.order == 2:
+            step_ = pend["before"]
+            for s, p in zip(step_, params):
+                s.neg_().add_(p.detach())  # theta_t+1 - theta_t, in the copy's place
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            for d, (batches, n) in sets.items():
+                quad[d] = torch.zeros(len(params), dtype=torch.float64, device=dev)
+                # the math attention kernel: the fused ones have no double backward
+                with self._same_rng(dev), sdpa_kernel(SDPBackend.MATH):
+                    for b in batches:  # H is linear in R: batch by batch
+                        r = self._risk([b], n, grad=True)
+                        g = torch.autograd.grad(r, params, create_graph=True, allow_unused=True)
+                        gs = sum((gi * si).sum() for gi, si in zip(g, step_) if gi is not None)
+                        hs = torch.autograd.grad(gs, params, allow_unused=True)
+                        quad[d] += self._dots(hs, step_)
+        keys = ("unlearn", "retain")
+        flat = torch.cat([torch.tensor([pend["risk"][d], after[d]], dtype=torch.float64, device=dev) for d in keys]
+                         + [update[d] for d in keys])
+        if common.world()[1] > 1:  # the processes' shares of the risks and of the dot products
+            import torch.distributed as dist
+            dist.all_reduce(flat)
+        n = len(params)
+        row = pend["row"]
+        row["lr"], row["delta"] = lr, {}
+        for k, d in enumerate(keys):
+            before, now = flat[2 * k].item(), flat[2 * k + 1].item()
+            u = flat[4 + k * n:4 + (k + 1) * n]
+            rec = dict(actual=now - before, gradient=-lr * row[d]["total"], update=u.sum().item(), risk=before,
+                       groups=dict(update={g: v for g, v in self._aggregate(u).items() if g in GROUPS}))
+            if d in quad:
+                second = u + 0.5 * quad[d]
+                rec["second_order"] = second.sum().item()
+                rec["groups"]["second_order"] = {g: v for g, v in self._aggregate(second).items() if g in GROUPS}
+            row["delta"][d] = rec
+        self._write(row)
+
+    def _write(self, row):
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -261,6 +368,10 @@ class Probe:
         return rows
 
     def close(self):
+        """Write a measured row whose step was never taken (a loop that ended without probe.step), close."""
+        if self.pending is not None:
+            self._write(self.pending["row"])
+            self.pending = None
         if self.every and self.file is not None:
             self.file.close()
 

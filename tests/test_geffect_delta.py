@@ -1,0 +1,110 @@
+"""What the real step does to the risks (geffect.jsonl's "delta"): with plain SGD the update's
+prediction is the paper's -lr*e, the actual change is R after minus R before, and the first- and
+second-order predictions are Taylor expansions of the right orders."""
+import argparse
+import json
+import math
+
+import pytest
+
+import common
+import ga
+import geffect
+from test_geffect import risk, small_model
+
+
+def probed_step(tmp_path, tokenizer, lr, order=1, optim="sgd", max_norm=0.0, reg="gd"):
+    """One probed GA step on a float64 model: (geffect row, R before and after for D_u and D_r)."""
+    model = small_model(tokenizer)
+    args = argparse.Namespace(geffect_every=1, geffect_retain=6, geffect_pointwise=False, geffect_dr="heldout",
+                              geffect_order=order, template=common.QA_TEMPLATE, batch_size=4, grad_accum=2, seed=0)
+    data = common.split_data("forget05", "builtin")
+    forget = common.encode_rows(tokenizer, args.template, data["forget"])
+    retain = common.encode_rows(tokenizer, args.template, data["retain_train"])
+    probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], tmp_path)
+    optimizer = common.make_optimizer(model.parameters(), optim, lr)
+    micro, n = next(common.unlearn_batches(forget, retain, args, 1, tokenizer.pad_token_id, "cpu"))
+    sets = dict(unlearn=[f for f, _ in micro], retain=probe.d_r)
+    before = {d: risk(model, b) for d, b in sets.items()}
+    for forget_batch, retain_batch in micro:
+        logp, mask = common.answer_logprobs(model, forget_batch)
+        loss, _ = ga.ga_loss(logp, mask, n["forget_tok"])
+        r, _ = common.regularizer(reg, model, None, retain_batch, n["retain_tok"])
+        probe.backward(0.3 * loss, r, logp, mask, forget_batch)
+    probe.step(optimizer, max_norm, 1)
+    after = {d: risk(model, b) for d, b in sets.items()}
+    probe.close()
+    (row,) = [json.loads(x) for x in open(tmp_path / "geffect.jsonl")]
+    return row, before, after
+
+
+def test_sgd_update_is_the_papers_prediction(tiny_tokenizer, tmp_path):
+    row, _, _ = probed_step(tmp_path, tiny_tokenizer, lr=1e-2)
+    assert row["lr"] == 1e-2
+    for d in ("unlearn", "retain"):
+        rec = row["delta"][d]
+        assert rec["gradient"] == pytest.approx(-1e-2 * row[d]["total"], rel=1e-12)
+        assert rec["update"] == pytest.approx(rec["gradient"], rel=1e-9)  # plain SGD: the step is -lr grad L
+        assert sum(rec["groups"]["update"].values()) == pytest.approx(rec["update"], rel=1e-9)
+        assert "second_order" not in rec
+
+
+def test_clipped_adamw_update_is_not_the_papers(tiny_tokenizer, tmp_path):
+    row, _, _ = probed_step(tmp_path, tiny_tokenizer, lr=1e-3, optim="adamw", max_norm=1.0)
+    u, g = row["delta"]["unlearn"]["update"], row["delta"]["unlearn"]["gradient"]
+    assert abs(u - g) > 0.1 * abs(g)  # AdamW's first step is sign-like: not -lr grad L
+
+
+def test_actual_is_r_after_minus_r_before(tiny_tokenizer, tmp_path):
+    row, before, after = probed_step(tmp_path, tiny_tokenizer, lr=1e-2, optim="adamw", max_norm=1.0)
+    for d in ("unlearn", "retain"):
+        assert row["delta"][d]["risk"] == pytest.approx(before[d], rel=1e-12)
+        assert row["delta"][d]["actual"] == pytest.approx(after[d] - before[d], rel=1e-9, abs=1e-13)
+    assert row["delta"]["unlearn"]["actual"] > 0  # GA raises the forget risk
+
+
+def test_taylor_orders(tiny_tokenizer, tmp_path):
+    """Over SGD steps of size lr, |update - actual| ~ lr^2 and |second_order - actual| ~ lr^3:
+    the slopes of a log-log fit."""
+    lrs = [1e-2, 5e-3, 2.5e-3, 1.25e-3]
+    err = {k: {d: [] for d in ("unlearn", "retain")} for k in ("update", "second_order")}
+    for i, lr in enumerate(lrs):
+        (tmp_path / str(i)).mkdir()
+        row, _, _ = probed_step(tmp_path / str(i), tiny_tokenizer, lr=lr, order=2)
+        for d in ("unlearn", "retain"):
+            rec = row["delta"][d]
+            for k in err:
+                err[k][d].append(abs(rec[k] - rec["actual"]))
+            assert sum(rec["groups"]["second_order"].values()) == pytest.approx(rec["second_order"], rel=1e-9)
+    xs = [math.log(lr) for lr in lrs]
+    for k, want in (("update", 2), ("second_order", 3)):
+        for d in ("unlearn", "retain"):
+            ys = [math.log(e) for e in err[k][d]]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            assert slope == pytest.approx(want, abs=0.25), (k, d, err[k][d])
+
+
+def test_order_2_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setattr(common, "world", lambda: (0, 2))
+    args = argparse.Namespace(geffect_every=1, geffect_retain=40, geffect_pointwise=False, geffect_dr="heldout",
+                              geffect_order=2)
+    with pytest.raises(common.UsageError, match="one process"):
+        geffect.check_flags(args)
+
+
+def test_a_method_run_logs_delta_every_measured_step(tmp_path, tiny_path):
+    import wga
+    out = tmp_path / "run"
+    wga.main(["--split", "forget01", "--max-steps", "3", "--no-eval", "--geffect-every", "1", "--geffect-order", "2",
+              "--out", str(out)])
+    rows = [json.loads(x) for x in open(out / "geffect.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for d in ("unlearn", "retain"):
+            assert set(r["delta"][d]) >= {"actual", "gradient", "update", "second_order", "risk", "groups"}
+    # forget01's 10 rows are every step's whole batch, and D_r is the same held-out rows: what one step
+    # measured after itself is what the next measures before itself
+    for a, b in zip(rows, rows[1:]):
+        for d in ("unlearn", "retain"):
+            assert b["delta"][d]["risk"] == pytest.approx(a["delta"][d]["risk"] + a["delta"][d]["actual"], rel=1e-5)
