@@ -55,9 +55,10 @@ def add_flags(parser):
       help="D_r of the retaining G-effect: the --geffect-retain held-out rows, or each step's own retain batch "
            "(the paper's D_t minus D_u, as in the authors' code)")
     a("--geffect-pointwise", action="store_true", help="also the PG-effect of every forget sample (eq. 5)")
-    a("--geffect-order", type=int, choices=(0, 1, 2), default=0,
+    a("--geffect-order", type=int, choices=(0, 1, 2), default=1,
       help="what the real step did to each risk, beside the G-effect's -lr*e: nothing (0), the actual change and "
-           "grad R . (the update) (1), and also 1/2 (update)^T H_R (update) (2: a Hessian-vector product per risk)")
+           "grad R . (the update) (1), and also the second-order term 1/2 (update)^T H_R (update) (2: one more "
+           "backward per risk, at the new weights)")
 
 
 def check_flags(args):
@@ -69,8 +70,6 @@ def check_flags(args):
     if args.geffect_every and procs > 1:
         if args.geffect_pointwise:
             raise common.UsageError("--geffect-pointwise runs in one process only (not under torchrun)")
-        if getattr(args, "geffect_order", 0) == 2:
-            raise common.UsageError("--geffect-order 2 runs in one process only (not under torchrun)")
         if args.geffect_dr == "heldout" and args.geffect_retain % procs:
             raise common.UsageError(f"--geffect-retain ({args.geffect_retain}) must be a multiple of the "
                                     f"{procs} processes")
@@ -144,6 +143,7 @@ class Probe:
             self.d_r = [common.collate(d_r[k:k + micro], self.pad, model.device) for k in range(0, len(d_r), micro)]
         self.file = open(Path(run_dir) / "geffect.jsonl", "w") if common.is_main() else None
         self.mode, self.kept, self.extra, self.dots, self.store, self.stash = None, [], None, {}, None, None
+        self.step_vec = self.curv = None  # --geffect-order 2: theta_t+1 - theta_t and its dot products
         for i, (_, p, _, _) in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda p, i=i: self._hook(i, p))
 
@@ -171,6 +171,9 @@ class Probe:
         g, p.grad = p.grad, None  # take it: .grad is put back to the step's gradient after the backward
         if self.mode == "route":  # the regularizer's gradient goes to the one extra buffer
             self.extra[i] = g if self.extra[i] is None else self.extra[i].add_(g)
+            return
+        if self.mode == "after":  # --geffect-order 2: grad R(theta_t+1) . (theta_t+1 - theta_t)
+            self.curv[i] += self._dot(g, self.step_vec[i])
             return
         reg = None if self.extra is None else self.extra[i]
         for term, vec in (("objective", self.stash[i]), ("reg", reg)):  # 'dot': a risk gradient
@@ -258,22 +261,23 @@ class Probe:
         return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
 
     @staticmethod
-    def _dots(vectors, params) -> torch.Tensor:
-        """Per parameter, vector . parameter in float64 (this process's shards; 0 where no vector)."""
+    def _dot(a, b) -> torch.Tensor:
+        """a . b in float64 over this process's shards (float32 products are exact in float64)."""
+        return torch.dot(common.local(a).flatten().double(), common.local(b).flatten().double())
+
+    def _dots(self, vectors, params) -> torch.Tensor:
+        """Per parameter, vector . parameter in float64 (0 where no vector)."""
         out = torch.zeros(len(params), dtype=torch.float64, device=params[0].device)
         for i, (v, p) in enumerate(zip(vectors, params)):
             if v is not None:
-                out[i] = torch.dot(common.local(v).flatten().double(), common.local(p.detach()).flatten().double())
+                out[i] = self._dot(v, p.detach())
         return out
 
-    def _risk(self, batches, n_tok, grad=False):
-        """R of `batches` (answer-token NLL over n_tok), this process's share; a tensor if `grad`."""
-        with torch.set_grad_enabled(grad):
-            total = 0.0
-            for b in batches:
-                lp, m = common.answer_logprobs(self.model, b)
-                total = total - (lp * m).sum() / n_tok
-            return total
+    def _risk(self, batches, n_tok):
+        """R of `batches` (answer-token NLL over n_tok), this process's share, without a graph."""
+        with torch.no_grad():
+            return sum(float(-(lp * m).sum() / n_tok) for lp, m in
+                       (common.answer_logprobs(self.model, b) for b in batches))
 
     # ---- the loop's optimizer step
     def step(self, optimizer, max_grad_norm, step):
@@ -284,40 +288,43 @@ class Probe:
         return norm
 
     def _delta(self, lr):
-        """The row's "delta" for D_u and D_r, with theta_t+1 in place:
+        """The row's "delta" for D_u and D_r, with theta_t+1 in place and d = theta_t+1 - theta_t:
         - actual: R(theta_t+1) - R(theta_t), one more forward of each set;
         - gradient: -lr * e, the paper's first-order prediction of a plain gradient step;
-        - update: grad R(theta_t) . (theta_t+1 - theta_t), the first-order prediction of the real step
-          (clipping, AdamW, weight decay, schedule), as grad R . theta_t+1 - grad R . theta_t;
-        - second_order (--geffect-order 2): update + 1/2 (theta_t+1 - theta_t)^T H_R (theta_t+1 - theta_t),
-          the Hessian-vector product by double backward, taken at theta_t+1 (it differs from H at theta_t by
-          O(|step|), so the expansion keeps its order); per group too."""
+        - update: grad R(theta_t) . d, the first-order prediction of the real step (clipping, AdamW,
+          weight decay, schedule), as grad R . theta_t+1 - grad R . theta_t;
+        - second_order (--geffect-order 2): update + 1/2 d^T H d, with d^T H d taken as
+          (grad R(theta_t+1) - grad R(theta_t)) . d: exactly d^T H d for H the Hessian of R averaged
+          along the step, so the expansion is exact for a quadratic R and its error, like that of the
+          Taylor term with H at theta_t, is O(|d|^3) (tested). It costs one backward per risk at
+          theta_t+1, whose forward also gives `actual`, and a copy of theta_t; per group too."""
         pend, self.pending = self.pending, None
         params = [p for _, p, _, _ in self.params]
         dev = params[0].device
         update = {d: self._dots(pend["saved"][d], params) - pend["dot_before"][d] for d in pend["saved"]}
+        pend["saved"] = None  # the risk gradients of theta_t are spent
         sets = dict(unlearn=(pend["forget"], pend["n_u"]), retain=(pend["d_r"], pend["d_r_tok"]))
-        with self._same_rng(dev):
-            after = {d: float(self._risk(b, n)) for d, (b, n) in sets.items()}
-        quad = {}
-        if self.order == 2:
-            step_ = pend["before"]
-            for s, p in zip(step_, params):
-                s.neg_().add_(p.detach())  # theta_t+1 - theta_t, in the copy's place
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            for d, (batches, n) in sets.items():
-                quad[d] = torch.zeros(len(params), dtype=torch.float64, device=dev)
-                # the math attention kernel: the fused ones have no double backward
-                with self._same_rng(dev), sdpa_kernel(SDPBackend.MATH):
-                    for b in batches:  # H is linear in R: batch by batch
-                        r = self._risk([b], n, grad=True)
-                        g = torch.autograd.grad(r, params, create_graph=True, allow_unused=True)
-                        gs = sum((gi * si).sum() for gi, si in zip(g, step_) if gi is not None)
-                        hs = torch.autograd.grad(gs, params, allow_unused=True)
-                        quad[d] += self._dots(hs, step_)
         keys = ("unlearn", "retain")
+        after, curv = {}, {}
+        if self.order == 1:
+            with self._same_rng(dev):
+                after = {d: self._risk(b, n) for d, (b, n) in sets.items()}
+        else:
+            self.step_vec = pend["before"]
+            for s, p in zip(self.step_vec, params):
+                s.neg_().add_(p.detach())  # d = theta_t+1 - theta_t, in the copy's place
+            for d, (batches, n) in sets.items():
+                self.curv, after[d] = torch.zeros(len(params), dtype=torch.float64, device=dev), 0.0
+                with self._same_rng(dev):
+                    for b in batches:  # R and its gradient at theta_t+1, dotted with d by the hooks
+                        lp, m = common.answer_logprobs(self.model, b)
+                        r = -(lp * m).sum() / n
+                        after[d] += r.item()
+                        self._stream("after", r)
+                curv[d] = self.curv
+            self.step_vec = self.curv = None
         flat = torch.cat([torch.tensor([pend["risk"][d], after[d]], dtype=torch.float64, device=dev) for d in keys]
-                         + [update[d] for d in keys])
+                         + [update[d] for d in keys] + [curv[d] for d in keys if d in curv])
         if common.world()[1] > 1:  # the processes' shares of the risks and of the dot products
             import torch.distributed as dist
             dist.all_reduce(flat)
@@ -329,8 +336,8 @@ class Probe:
             u = flat[4 + k * n:4 + (k + 1) * n]
             rec = dict(actual=now - before, gradient=-lr * row[d]["total"], update=u.sum().item(), risk=before,
                        groups=dict(update={g: v for g, v in self._aggregate(u).items() if g in GROUPS}))
-            if d in quad:
-                second = u + 0.5 * quad[d]
+            if curv:  # update + 1/2 (grad R(theta_t+1) - grad R(theta_t)) . d = 1/2 (both gradients) . d
+                second = 0.5 * (u + flat[4 + (2 + k) * n:4 + (3 + k) * n])
                 rec["second_order"] = second.sum().item()
                 rec["groups"]["second_order"] = {g: v for g, v in self._aggregate(second).items() if g in GROUPS}
             row["delta"][d] = rec

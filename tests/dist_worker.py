@@ -21,7 +21,7 @@ RUNS = {
     "npo": ["--reg", "gd", "--no-eval", "--grad-accum", "2", "--batch-size", "14", "--max-steps", "4"],  # step 4: 8 rows
     "tnpo": ["--reg", "kl", "--no-eval", "--geffect-dr", "step"],
     "wtnpo": ["--reg", "none", "--no-eval"],
-    "po": ["--reg", "kl", "--no-eval"],
+    "po": ["--reg", "kl", "--no-eval", "--geffect-order", "2"],  # the second-order term over shards too
     "rmu": ["--reg", "rr", "--no-eval"],
 }
 STEPS = ["--max-steps", "3", "--batch-size", "8", "--geffect-every", "1", "--geffect-retain", "8", "--optim", "sgd",

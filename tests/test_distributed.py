@@ -79,6 +79,11 @@ def test_two_processes_equal_one(runs, script):
         assert len(g1) == len(g2) == len(steps)
         for r1, r2 in zip(g1, g2):
             assert_close(numbers(r1), numbers(r2), 1.0, f"{script} geffect step {r1['step']}")
+            for d in ("unlearn", "retain"):  # what the step did (order 1; 2 for po): float32 logits put ~1e-8 of
+                a, b = numbers(r1["delta"][d]), numbers(r2["delta"][d])  # noise on R, whatever its size
+                for k in a:
+                    assert abs(a[k] - b[k]) <= RTOL * max(abs(a[k]), abs(b[k])) + 1e-7, f"{script} {d} {k}"
+            assert ("second_order" in r1["delta"]["unlearn"]) == (script == "po")
     from safetensors.torch import load_file
     w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert w1.keys() == w2.keys()

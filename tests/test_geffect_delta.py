@@ -6,6 +6,8 @@ import json
 import math
 
 import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 import ga
@@ -13,8 +15,9 @@ import geffect
 from test_geffect import risk, small_model
 
 
-def probed_step(tmp_path, tokenizer, lr, order=1, optim="sgd", max_norm=0.0, reg="gd"):
-    """One probed GA step on a float64 model: (geffect row, R before and after for D_u and D_r)."""
+def probed_step(tmp_path, tokenizer, lr, order=1, optim="sgd", max_norm=0.0, reg="gd", keep=None):
+    """One probed GA step on a float64 model: (geffect row, R before and after for D_u and D_r); `keep`, a
+    dict, receives the stepped model and the two sets."""
     model = small_model(tokenizer)
     args = argparse.Namespace(geffect_every=1, geffect_retain=6, geffect_pointwise=False, geffect_dr="heldout",
                               geffect_order=order, template=common.QA_TEMPLATE, batch_size=4, grad_accum=2, seed=0)
@@ -34,6 +37,8 @@ def probed_step(tmp_path, tokenizer, lr, order=1, optim="sgd", max_norm=0.0, reg
     probe.step(optimizer, max_norm, 1)
     after = {d: risk(model, b) for d, b in sets.items()}
     probe.close()
+    if keep is not None:
+        keep.update(model=model, sets=sets)
     (row,) = [json.loads(x) for x in open(tmp_path / "geffect.jsonl")]
     return row, before, after
 
@@ -85,12 +90,32 @@ def test_taylor_orders(tiny_tokenizer, tmp_path):
             assert slope == pytest.approx(want, abs=0.25), (k, d, err[k][d])
 
 
-def test_order_2_under_torchrun_is_refused(monkeypatch):
-    monkeypatch.setattr(common, "world", lambda: (0, 2))
-    args = argparse.Namespace(geffect_every=1, geffect_retain=40, geffect_pointwise=False, geffect_dr="heldout",
-                              geffect_order=2)
-    with pytest.raises(common.UsageError, match="one process"):
-        geffect.check_flags(args)
+def test_second_order_term_is_the_hessian_at_theta_t(tiny_tokenizer, tmp_path):
+    """The logged 1/2 d^T H d (second_order - update, H averaged along the step) against the Taylor term
+    with H at theta_t, by a Hessian-vector product (double backward): equal up to O(|d|^3), so their
+    relative gap shrinks in proportion to the step."""
+    gaps = []
+    for i, lr in enumerate((4e-3, 1e-3, 2.5e-4)):
+        (tmp_path / str(i)).mkdir()
+        keep = {}
+        row, _, _ = probed_step(tmp_path / str(i), tiny_tokenizer, lr=lr, order=2, keep=keep)
+        theta_t = small_model(tiny_tokenizer)  # the same seed: the weights the step started from
+        params = list(theta_t.parameters())
+        d = [a.detach() - b.detach() for a, b in zip(keep["model"].parameters(), params)]
+        for name, batches in keep["sets"].items():
+            with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
+                lps = [common.answer_logprobs(theta_t, b) for b in batches]
+                r = -sum((lp * m).sum() for lp, m in lps) / sum(m.sum() for _, m in lps)
+                g = torch.autograd.grad(r, params, create_graph=True)
+                hd = torch.autograd.grad(sum((gi * di).sum() for gi, di in zip(g, d)), params)
+            hvp_term = 0.5 * sum((h * di).sum() for h, di in zip(hd, d)).item()
+            logged = row["delta"][name]["second_order"] - row["delta"][name]["update"]
+            gaps.append((name, lr, abs(logged - hvp_term) / abs(hvp_term)))
+    for name in ("unlearn", "retain"):
+        gap = [g for nm, _, g in gaps if nm == name]
+        for big, small in zip(gap, gap[1:]):  # each step 4x smaller: the gap 4x smaller
+            assert 3 < big / small < 5, gaps
+        assert gap[-1] < 0.05, gaps
 
 
 def test_a_method_run_logs_delta_every_measured_step(tmp_path, tiny_path):
