@@ -518,7 +518,7 @@ def tokens_html(runs, questions, epochs, scale) -> str:
     for r, q in questions.items():
         out.append(f"<h2>Forget row {r}</h2><p class=\"q\">Question: {escape(q)}</p>")
         for d, method, logged, top in runs:
-            out.append(f'<h3>{escape(method)} <span class="run">{escape(str(d))}</span> '
+            out.append(f'<h3>{escape(method)} <span class="run">{escape(Path(d).name)}</span> '
                        f'<span class="run">0</span><span class="bar" style="background: linear-gradient(to right, '
                        f'{bar})"></span><span class="run">{top:.3g}</span></h3>')
             for e in epochs:
@@ -708,7 +708,8 @@ def main(argv=None):
     t = sub.add_parser("tokens", help="the forget answers' tokens shaded by their weights (Appendix F.2), as HTML "
                                       "and PNG")
     t.add_argument("runs", nargs="+", help="run folders with a token_weights.jsonl (--log-token-weights)")
-    t.add_argument("--rows", type=int, nargs="+", default=[0, 1], help="forget rows to show, by index in the split (default: 0 1)")
+    t.add_argument("--rows", type=int, nargs="+", default=[0, 1],
+                   help="forget rows to show, by index in the split (default: 0 1)")
     t.add_argument("--epochs", type=int, nargs="+", default=None, help="epochs to show (default: every logged one)")
     t.add_argument("--scale", choices=("run", "shared"), default="run",
                    help="colour scale from 0 to the largest weight shown: per run, or one for all runs")
