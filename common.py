@@ -365,7 +365,8 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
     sides of a step are cut into the same number of micro-batches, --grad-accum or fewer when an
     epoch's short last batch has fewer forget rows, so every retain row of the step is used and
     any --grad-accum gives the step of --grad-accum 1. Under torchrun each process gets its share
-    of every micro-batch's rows; n counts the whole step."""
+    of every micro-batch's rows; n counts the whole step. A forget micro-batch also carries its
+    step (0-based), epoch (1-based), whether it is the step's last, and `rows`: its rows' indices in `forget`."""
     per_epoch = math.ceil(len(forget) / args.batch_size)
     retain_order = [i for e in range(math.ceil(total * args.batch_size / len(retain)) + 1)
                     for i in epoch_batches(len(retain), len(retain), args.seed + 1, e)[0]]
@@ -379,8 +380,10 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         parts = min(args.grad_accum, len(f_ex))
         batches = [(collate(shard(f), pad_id, device), collate(shard(r), pad_id, device))
                    for f, r in zip(chunks(f_ex, parts), chunks(r_ex, parts))]
-        for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (for the G-effect)
-            forget_batch.update(step=step, last=k + 1 == len(batches), n_tok=n["forget_tok"])
+        rows = [shard(i) for i in chunks(f_idx, parts)]  # each forget row's index in the split, as batched
+        for k, (forget_batch, _) in enumerate(batches):  # where each micro-batch stands (G-effect, token weights)
+            forget_batch.update(step=step, last=k + 1 == len(batches), n_tok=n["forget_tok"],
+                                epoch=step // per_epoch + 1, rows=rows[k])
         # the step's own retain rows, for a G-effect whose D_r is the step's retain batch (--geffect-dr step)
         batches[-1][0].update(step_retain=[r for _, r in batches], retain_tok=n["retain_tok"])
         yield batches, n

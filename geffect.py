@@ -17,6 +17,11 @@ each row also says what the real optimizer step did to each risk against what e 
     python wga.py --split forget05 --geffect-every 1              # writes RUN_DIR/geffect.jsonl
     python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]   # -> out/geffect.png
 
+Token weights (Appendix F.2): wga.py, tnpo.py and wtnpo.py with --log-token-weights write each forget answer's
+per-token weights at every step (RUN_DIR/token_weights.jsonl); `tokens` shades the answers by them, epoch by epoch:
+
+    python geffect.py tokens out/tnpo-tiny-forget05 out/wtnpo-tiny-forget05 --rows 0 1 -o tw.html   # + out/tw.png
+
 How it is cheap: the run's own backward pass gives grad L; grad R(D_u) comes from the same
 forward graph (kept for one more backward at measured steps); the regularizer's gradient is
 routed into the one extra gradient buffer while the objective's stays in .grad; the risk
@@ -73,6 +78,8 @@ def check_flags(args):
         if args.geffect_dr == "heldout" and args.geffect_retain % procs:
             raise common.UsageError(f"--geffect-retain ({args.geffect_retain}) must be a multiple of the "
                                     f"{procs} processes")
+    if getattr(args, "log_token_weights", False) and procs > 1:  # each process holds only its share of the rows
+        raise common.UsageError("--log-token-weights runs in one process only (not under torchrun)")
 
 
 def param_groups(model) -> list:
@@ -383,6 +390,229 @@ class Probe:
             self.file.close()
 
 
+# ----------------------------------------------------------------------------- token weights (Appendix F.2)
+# --log-token-weights (wga.py, tnpo.py, wtnpo.py) writes the weight the loss gave each answer token of each forget
+# row at every step; `geffect.py tokens` draws them as the paper's EP1..EP5 lines, one token shaded per weight.
+
+class TokenLog:
+    """RUN_DIR/token_weights.jsonl, one JSON row per forget row of every step's batch:
+    {"step": 1-based, "epoch": 1-based, "row": index in the split, "question", "tokens": the answer's
+    tokens as text (EOS included), "weights": the loss's weight of each}. A no-op without the flag."""
+
+    def __init__(self, args, tokenizer, forget_rows, run_dir):
+        self.file = None
+        if not getattr(args, "log_token_weights", False) or not common.is_main():
+            return
+        self.tokenizer, self.forget_rows, self.pieces = tokenizer, forget_rows, {}
+        self.file = open(Path(run_dir) / "token_weights.jsonl", "w")
+
+    def write(self, forget_batch, mask, weight):
+        """The rows of one micro-batch: weight is the loss's detached B x (T-1) weight, aligned with mask."""
+        if self.file is None:
+            return
+        targets = forget_batch["input_ids"][:, 1:]  # position t predicts token t+1, as in token_logprobs
+        for b, row in enumerate(forget_batch["rows"]):
+            m = mask[b]
+            if row not in self.pieces:  # the same answer every epoch: decode it once
+                self.pieces[row] = token_pieces(self.tokenizer, targets[b][m].tolist())
+            self.file.write(json.dumps(dict(step=forget_batch["step"] + 1, epoch=forget_batch["epoch"], row=row,
+                                            question=self.forget_rows[row]["question"], tokens=self.pieces[row],
+                                            weights=weight[b][m].tolist())) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def token_pieces(tokenizer, ids) -> list:
+    """Each token's text: what it adds to the decoded text so far, so that the pieces join back to
+    the text (a SentencePiece token decoded alone loses its leading space); a token that ends inside a
+    multi-byte character falls back to its own decoding."""
+    pieces, before = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1])
+        pieces.append(text[len(before):] if text.startswith(before) else tokenizer.decode(ids[i:i + 1]))
+        before = text
+    return pieces
+
+
+def read_tokens(run_dir) -> tuple:
+    """(method name, {(row, epoch): logged row}) of a run folder; raises UsageError."""
+    path = Path(run_dir) / "token_weights.jsonl"
+    if not path.is_file():
+        raise common.UsageError(f"{path} does not exist: run wga.py, tnpo.py or wtnpo.py with --log-token-weights")
+    try:
+        rows = {(r["row"], r["epoch"]): r for r in map(json.loads, filter(str.strip, open(path)))}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise common.UsageError(f"{path} is not valid token-weight JSON Lines: {e}")
+    if not rows:
+        raise common.UsageError(f"{path} has no rows")
+    try:  # the script that made the run: its args.json's command
+        method = Path(json.load(open(Path(run_dir) / "args.json"))["command"].split()[0]).stem.upper()
+    except (OSError, ValueError, KeyError, IndexError, AttributeError):
+        method = Path(run_dir).name
+    return method, rows
+
+
+def token_colors(weights, top, cmap="Reds") -> list:
+    """(background, text colour) hex pairs: the weight on 0..top, darker = higher, white text on dark."""
+    import matplotlib
+    cm = matplotlib.colormaps[cmap]
+    out = []
+    for w in weights:
+        x = min(max(w / top, 0.0), 1.0) if top > 0 else 0.0
+        out.append((matplotlib.colors.to_hex(cm(x)), "#ffffff" if x > 0.6 else "#000000"))
+    return out
+
+
+def _token_data(run_dirs, rows, epochs, scale):
+    """Checked input of `tokens`: [(name, method, {(row, epoch): logged row}, top)], questions, rows, epochs."""
+    runs = []
+    for d in run_dirs:
+        method, logged = read_tokens(d)
+        have_rows, have_epochs = sorted({r for r, _ in logged}), sorted({e for _, e in logged})
+        for r in rows:
+            if r not in have_rows:
+                some = ", ".join(map(str, have_rows)) if len(have_rows) <= 8 else \
+                    f"{len(have_rows)} of them, {have_rows[0]}..{have_rows[-1]}"
+                raise common.UsageError(f"forget row {r} is not in {Path(d) / 'token_weights.jsonl'} (it has rows "
+                                        f"{some})")
+        for e in epochs or have_epochs:
+            if e not in have_epochs:
+                raise common.UsageError(f"epoch {e} is not in {Path(d) / 'token_weights.jsonl'} (it has epochs "
+                                        f"{', '.join(map(str, have_epochs))})")
+        runs.append([d, method, logged, have_epochs])
+    epochs = epochs or runs[0][3]
+    for d, _, logged, _ in runs:
+        for r in rows:
+            for e in epochs:
+                if (r, e) not in logged:
+                    raise common.UsageError(f"forget row {r} at epoch {e} is not in {Path(d) / 'token_weights.jsonl'}")
+    questions = {r: runs[0][2][(r, epochs[0])]["question"] for r in rows}
+    for d, _, logged, _ in runs[1:]:
+        if any(logged[(r, epochs[0])]["question"] != questions[r] for r in rows):
+            raise common.UsageError(f"{d} has other forget rows than {runs[0][0]}: compare runs on one split")
+    shown = lambda logged: [w for r in rows for e in epochs for w in logged[(r, e)]["weights"]]
+    shared = max(max(shown(logged)) for _, _, logged, _ in runs)
+    out = [(d, method, logged, shared if scale == "shared" else max(shown(logged))) for d, method, logged, _ in runs]
+    return out, questions, epochs
+
+
+TOKENS_CSS = """
+body { font-family: sans-serif; max-width: 70em; margin: 1em auto; color: #222; }
+.q { font-weight: bold; margin: 0.3em 0 0.6em; }
+h3 { font-size: 1em; margin: 0.8em 0 0.2em; }
+.run { font-weight: normal; color: #777; font-size: 0.85em; }
+.bar { display: inline-block; width: 10em; height: 0.8em; vertical-align: middle; border: 1px solid #bbb;
+       margin: 0 0.4em; }
+.line { font-family: monospace; white-space: pre-wrap; line-height: 1.7; margin: 0.1em 0; }
+.ep { display: inline-block; width: 3.5em; color: #555; }
+.t { box-shadow: inset -1px 0 #fff; }
+"""
+
+
+def tokens_html(runs, questions, epochs, scale) -> str:
+    """The page: per forget row its question, then per run and epoch the answer, each token shaded by its weight."""
+    from html import escape
+    bar = ", ".join(c for c, _ in token_colors([k / 8 for k in range(9)], 1.0))
+    what = ("one scale for all runs" if scale == "shared" else "one scale per run") + \
+        ", from 0 (white) to the largest weight shown (darkest)"
+    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>Token weights</title>',
+           f"<style>{TOKENS_CSS}</style></head><body>", "<h1>Token weights</h1>",
+           f"<p>Each answer token's background is its weight in the run's loss at the step of that epoch that saw the "
+           f"row (darker = higher; {escape(what)}). Hover a token for its weight, an EP label for its step.</p>"]
+    for r, q in questions.items():
+        out.append(f"<h2>Forget row {r}</h2><p class=\"q\">Question: {escape(q)}</p>")
+        for d, method, logged, top in runs:
+            out.append(f'<h3>{escape(method)} <span class="run">{escape(Path(d).name)}</span> '
+                       f'<span class="run">0</span><span class="bar" style="background: linear-gradient(to right, '
+                       f'{bar})"></span><span class="run">{top:.3g}</span></h3>')
+            for e in epochs:
+                rec = logged[(r, e)]
+                spans = "".join(f'<span class="t" style="background:{bg};color:{fg}" title="{w:.4g}">{escape(t)}</span>'
+                                for t, w, (bg, fg) in zip(rec["tokens"], rec["weights"],
+                                                          token_colors(rec["weights"], top)))
+                out.append(f'<div class="line"><span class="ep" title="step {rec["step"]}">EP{e}</span>{spans}</div>')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def tokens_png(runs, questions, epochs, scale, path):
+    """The page's content as an image: each token a text box coloured by its weight, the paper's EP lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.font_manager import FontProperties
+    width, dpi, size = 1100, 100, 9  # pixels, dots per inch, font points
+    font, bold = FontProperties(size=size), FontProperties(size=size + 1, weight="bold")
+    scratch = plt.figure(dpi=dpi)
+    renderer = scratch.canvas.get_renderer()
+    measure = lambda s, f=font: renderer.get_text_width_height_descent(s, f, ismath=False)[0]
+    line, gap, left, indent = 17, 2, 10, 50
+    items, bars, y = [], [], 8  # (x, y from the top, text, font, box colours), colour bars; pixels
+    for r, q in questions.items():
+        y += line + 4
+        items.append((left, y, f"Forget row {r}. {q}", bold, None))
+        for d, method, logged, top in runs:
+            y += line + 2
+            label = f"{method}  ({Path(d).name})   0"
+            items.append((left, y, label, font, None))
+            x = left + measure(label) + 6
+            bars.append((x, y, top))
+            items.append((x + 126, y, f"{top:.3g}" + ("  (shared scale)" if scale == "shared" else ""), font, None))
+            for e in epochs:
+                y += line
+                items.append((left + 8, y, f"EP{e}", font, None))
+                x = left + indent
+                rec = logged[(r, e)]
+                for t, (bg, fg) in zip(rec["tokens"], token_colors(rec["weights"], top)):
+                    shown = t.strip() or "\u2423"  # the PNG separates tokens by a gap; a bare space shows as a mark
+                    x += measure(" ") if t[:1].isspace() and x > left + indent else 0
+                    w = measure(shown)
+                    if x + w > width - left:  # wrap, indented
+                        x, y = left + indent, y + line
+                    items.append((x, y, shown, font, (bg, fg)))
+                    x += w + gap
+    height = y + line
+    width = min(width, max(x + measure(text, f) for x, _, text, f, _ in items) + 2 * left)  # no blank margin
+    plt.close(scratch)
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    for x, yy, text, f, colors in items:
+        kw = dict(bbox=dict(boxstyle="square,pad=0.12", fc=colors[0], ec="none"), color=colors[1]) if colors else {}
+        fig.text(x / width, 1 - yy / height, text, fontproperties=f, va="baseline", ha="left", **kw)
+    grad = [[k / 63 for k in range(64)]]
+    for x, yy, _ in bars:
+        ax = fig.add_axes((x / width, 1 - (yy + 1) / height, 120 / width, 10 / height))
+        ax.imshow(grad, cmap="Reds", aspect="auto", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return tmp
+
+
+def tokens_page(run_dirs, out, rows, epochs, scale="run") -> str:
+    """Write the token-weight page FILE.html and its image FILE.png (figure_path; each atomically,
+    nothing written on bad input); returns the HTML's path."""
+    out = figure_path(out)
+    if Path(out).suffix.lower() not in (".html", ".htm"):
+        raise common.UsageError(f"-o must name an .html file (the image goes beside it as .png), got {out}")
+    if not rows or len(set(rows)) != len(rows):
+        raise common.UsageError("--rows needs one or more distinct forget row indices")
+    runs, questions, epochs = _token_data(run_dirs, rows, epochs, scale)
+    png = str(Path(out).with_suffix(".png"))
+    page = tokens_html(runs, questions, epochs, scale)
+    tmp_png = tokens_png(runs, questions, epochs, scale, png)
+    tmp = f"{out}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(tmp_png, png)
+    os.replace(tmp, out)
+    return out
+
+
 # ----------------------------------------------------------------------------- plots
 
 def read_run(run_dir) -> tuple:
@@ -482,9 +712,22 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders with a geffect.jsonl")
     p.add_argument("-o", "--out", default="geffect.png", help="image file to write (a bare name goes under out/)")
     p.add_argument("--symlog", action="store_true", help="symmetric log scale for the G-effect")
+    t = sub.add_parser("tokens", help="the forget answers' tokens shaded by their weights (Appendix F.2), as HTML "
+                                      "and PNG")
+    t.add_argument("runs", nargs="+", help="run folders with a token_weights.jsonl (--log-token-weights)")
+    t.add_argument("--rows", type=int, nargs="+", default=[0, 1],
+                   help="forget rows to show, by index in the split (default: 0 1)")
+    t.add_argument("--epochs", type=int, nargs="+", default=None, help="epochs to show (default: every logged one)")
+    t.add_argument("--scale", choices=("run", "shared"), default="run",
+                   help="colour scale from 0 to the largest weight shown: per run, or one for all runs")
+    t.add_argument("-o", "--out", default="token_weights.html",
+                   help="HTML file to write, its PNG beside it (a bare name goes under out/)")
     args = parser.parse_args(argv)
     try:
-        out = plot(args.runs, args.out, args.symlog)
+        if args.cmd == "tokens":
+            out = tokens_page(args.runs, args.out, args.rows, args.epochs, args.scale)
+        else:
+            out = plot(args.runs, args.out, args.symlog)
     except common.UsageError as e:
         common.die(str(e))
     print(out)

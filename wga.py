@@ -21,10 +21,10 @@ import geffect
 def wga_loss(logp, mask, alpha, n_tok):
     """Eq. 2, minimised: confidence-weighted log-likelihood of the answer tokens, token mean.
     logp, mask: B x T; n_tok: answer tokens of the whole step (a micro-batch returns its share).
-    Stats: the mean token weight."""
+    Stats: the mean token weight, and the weights w themselves (token_weight, B x T, detached)."""
     w = (alpha * logp).exp().detach()  # w_i = p_i^alpha, detached: a weight, not a path for gradients
     loss = (w * logp * mask).sum() / n_tok
-    return loss, dict(weight=((w * mask).sum() / n_tok).item())
+    return loss, dict(weight=((w * mask).sum() / n_tok).item(), token_weight=w)
 
 
 def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
@@ -32,6 +32,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     common.add_shared_flags(parser)
     common.add_unlearn_flags(parser)
     parser.add_argument("--alpha", type=float, default=None, help="confidence power (default: 5; 7 for forget10)")
+    parser.add_argument("--log-token-weights", action="store_true",
+                        help="log every forget answer's token weights at every step (RUN_DIR/token_weights.jsonl)")
     geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
@@ -53,6 +55,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
     probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
+    token_log = geffect.TokenLog(args, tokenizer, data["forget"], run.tmp)  # off unless --log-token-weights
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     es_before = None if args.no_eval else eval_tofu.quick_es(model, tokenizer, data, args.template)
@@ -68,6 +71,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
         for forget_batch, retain_batch in micro:
             logp, mask = common.answer_logprobs(model, forget_batch)
             loss, stats = wga_loss(logp, mask, args.alpha, n["forget_tok"])
+            token_log.write(forget_batch, mask, stats.pop("token_weight"))  # the weights the loss used
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
             probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward()
@@ -86,6 +90,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
             run.log_step(step + 1, total, row)
 
     probe.close()
+    token_log.close()
     summary = dict(seconds=time.time() - t0, steps=total)
     if not args.no_eval:  # ES-exact of the forget rows and of the 400 held-out retain rows
         es_after = eval_tofu.quick_es(model, tokenizer, data, args.template)

@@ -21,10 +21,11 @@ import geffect
 
 def wtnpo_loss(logp, ref_logp, mask, alpha, beta, n_tok):
     """Appendix D.2, minimised: token mean of w_i log p_i. logp, ref_logp, mask: B x T; n_tok:
-    answer tokens of the whole step (a micro-batch returns its share). Stats: the mean weight."""
+    answer tokens of the whole step (a micro-batch returns its share). Stats: the mean weight, and
+    the weights w themselves (token_weight, B x T, detached)."""
     w = ((alpha * logp).exp() * 2 * torch.sigmoid(beta * (logp - ref_logp))).detach()  # p^a * TNPO weight
     loss = (w * logp * mask).sum() / n_tok
-    return loss, dict(weight=((w * mask).sum() / n_tok).item())
+    return loss, dict(weight=((w * mask).sum() / n_tok).item(), token_weight=w)
 
 
 def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
@@ -33,6 +34,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     common.add_unlearn_flags(parser)
     parser.add_argument("--alpha", type=float, default=1.5, help="confidence power (the paper: 1.5)")
     parser.add_argument("--beta", type=float, default=None, help="inverse temperature (default: 5; 7 for forget10)")
+    parser.add_argument("--log-token-weights", action="store_true",
+                        help="log every forget answer's token weights at every step (RUN_DIR/token_weights.jsonl)")
     geffect.add_flags(parser)
     args = parser.parse_args(argv)
     try:
@@ -58,6 +61,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
     run = common.Run(args.out, args)
     probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
+    token_log = geffect.TokenLog(args, tokenizer, data["forget"], run.tmp)  # off unless --log-token-weights
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     es_before = None if args.no_eval else eval_tofu.quick_es(model, tokenizer, data, args.template)
@@ -73,6 +77,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
         for forget_batch, retain_batch in micro:
             logp, mask = common.answer_logprobs(model, forget_batch)
             loss, stats = wtnpo_loss(logp, forget_batch["ref_logp"], mask, args.alpha, args.beta, n["forget_tok"])
+            token_log.write(forget_batch, mask, stats.pop("token_weight"))  # the weights the loss used
             reg, retain_nll = common.regularizer(args.reg, model, ref_model, retain_batch, n["retain_tok"],
                                                  args.rr_layer, measure)
             probe.backward(loss, args.reg_weight * reg, logp, mask, forget_batch)  # (loss + reg).backward()
@@ -91,6 +96,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
             run.log_step(step + 1, total, row)
 
     probe.close()
+    token_log.close()
     summary = dict(seconds=time.time() - t0, steps=total)
     if not args.no_eval:  # ES-exact of the forget rows and of the 400 held-out retain rows
         es_after = eval_tofu.quick_es(model, tokenizer, data, args.template)
