@@ -129,7 +129,7 @@ def test_pointwise_recovers_the_objective(tiny_tokenizer, tmp_path):
 
 def test_probe_does_not_change_training(tiny_path, tmp_path):
     logs = []
-    for extra in ([], ["--geffect-every", "1", "--geffect-pointwise"]):
+    for extra in ([], ["--geffect-every", "1", "--geffect-pointwise", "--geffect-order", "2"]):
         out = tmp_path / ("probe" if extra else "plain")
         r = run_script("npo.py", "--max-steps", "3", "--batch-size", "8", "--grad-accum", "2", "--out", str(out), *extra)
         assert r.returncode == 0, r.stderr
@@ -141,7 +141,7 @@ def test_probe_does_not_change_training(tiny_path, tmp_path):
     assert logs[0][0]["loss"] == logs[1][0]["loss"] and len(logs[0]) == len(logs[1]) == 3
     rows = [json.loads(line) for line in open(tmp_path / "probe" / "geffect.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(len(r["pointwise"]) == 8 for r in rows)
-    assert set(rows[0]) == {"step", "unlearn", "retain", "terms", "pointwise"}
+    assert set(rows[0]) == {"step", "unlearn", "retain", "terms", "pointwise", "lr", "delta"}
 
 
 def test_heldout_d_r_spreads_over_every_author():
