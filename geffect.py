@@ -502,6 +502,8 @@ def draw_panel(ax, ax2, rows, log, title, symlog=False, first_col=True):
         if key == "inv_conf":
             ax2.set_yscale("log")
         ax2.set_ylabel(key, color="tab:green")
+    else:  # no weight in the log (RMU, PO): the left axis would be an empty 0-1 scale
+        ax2.set_yticks([])
     if log:
         ax3 = ax2.twinx()
         ax3.plot([x["step"] for x in log], [x["forget_nll"] for x in log], color="tab:gray", label="forget NLL")
@@ -695,7 +697,7 @@ def pointwise_figure(run_dirs, steps=(5, 10, 15), separate=False, symlog=False):
         inv = (lambda u, i: _symlog_inv(u, t[i])) if symlog else (lambda u, i: u)
         u = np.stack([fwd(a[:, i], i) for i in (0, 1)], 1)
         lo, hi = u.min(0), u.max(0)
-        pad = np.where(hi > lo, hi - lo, 1.0) * 0.15
+        pad = np.where(hi > lo, hi - lo, 1.0) * 0.3  # room for the outer contour
         g = [np.linspace(lo[i] - pad[i], hi[i] + pad[i], 80) for i in (0, 1)]
         for j, label in enumerate(W_LABELS):
             sel = group == j
