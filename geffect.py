@@ -41,6 +41,7 @@ D_r is dealt out in equal shares. --geffect-pointwise runs in one process only.
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import torch
@@ -631,64 +632,61 @@ def read_run(run_dir) -> tuple:
     return rows, log
 
 
+def read_args(run_dir) -> dict:
+    """A run folder's args.json (the flags it ran with), plus `method` from its command (npo.py -> npo);
+    raises UsageError when there is none."""
+    path = Path(run_dir) / "args.json"
+    try:
+        args = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise common.UsageError(f"{path} does not exist: the figure needs the flags of each run")
+    except json.JSONDecodeError as e:
+        raise common.UsageError(f"{path} is not valid JSON: {e}")
+    if "command" in args:
+        args = dict(method=Path(str(args["command"]).split()[0]).stem, **args)
+    return args
+
+
 def figure_path(out) -> str:
-    """A bare file name goes under out/ (git-ignored), as run folders do; a path with a folder is kept."""
+    """A bare file name goes under out/ (git-ignored), as run folders do; a path with a folder is kept.
+    Raises UsageError for a folder that does not exist or a file type matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
     out = str(out)
+    kind = Path(out).suffix.lstrip(".").lower()
+    if kind not in FigureCanvasBase.get_supported_filetypes():
+        raise common.UsageError(f"-o {out}: the name must end in an image type ({', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))})")
     if os.path.dirname(out):
+        if not os.path.isdir(os.path.dirname(out)):
+            raise common.UsageError(f"-o {out}: the folder {os.path.dirname(out)} does not exist")
         return out
     common.OUT.mkdir(exist_ok=True)
     return str(common.OUT / out)
 
 
-def plot(run_dirs, out, symlog=False):
-    """The paper's Figure 3 style, one column per run: unlearning G-effect in red, retaining in
-    blue, layer groups dashed (embed and lm dash-dotted); below, the method's weight (Figure 5a)
-    or GA's inverse confidence (Figure 9c) and the forget risk (Figure 9b) from log.jsonl.
-    Returns the path written (figure_path)."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = [(Path(d).name, *read_run(d)) for d in run_dirs]
-    ncols = min(len(runs), 4)
-    nrows = -(-len(runs) // ncols)
-    fig, grid = plt.subplots(2 * nrows, ncols, figsize=(4.2 * ncols, 5.2 * nrows), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[2, 1] * nrows))
-    axes = [[grid[2 * (c // ncols) + r][c % ncols] for c in range(len(runs))] for r in (0, 1)]
-    for c in range(len(runs), nrows * ncols):  # empty cells of the last row
-        grid[-2][c % ncols].axis("off")
-        grid[-1][c % ncols].axis("off")
-    styles = dict(embed="-.", shallow="--", middle="--", deep="--", lm="-.")
-    shades = dict(embed=0.35, shallow=0.55, middle=0.7, deep=0.85, lm=0.45)
-    for col, (name, rows, log) in enumerate(runs):
-        ax = axes[0][col]
-        steps = [r["step"] for r in rows]
-        for key, cmap in (("unlearn", plt.cm.Reds), ("retain", plt.cm.Blues)):
-            ax.plot(steps, [r[key]["total"] for r in rows], color=cmap(0.95), lw=2, label=f"{key}")
-            for g in GROUPS:
-                ax.plot(steps, [r[key][g] for r in rows], styles[g], color=cmap(shades[g]), lw=1,
-                        label=f"{key} {g}")
-        ax.axhline(0, color="black", lw=0.5)
-        if symlog:
-            ax.set_yscale("symlog", linthresh=1e-4)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        if col % ncols == 0:
-            ax.set_ylabel("G-effect")
-        ax2 = axes[1][col]
-        key = next((k for k in ("weight", "inv_conf") if log and k in log[0]), None)
-        if key:
-            ax2.plot([x["step"] for x in log], [x[key] for x in log], color="tab:green", label=key)
-            if key == "inv_conf":
-                ax2.set_yscale("log")
-            ax2.set_ylabel(key, color="tab:green")
-        if log:
-            ax3 = ax2.twinx()
-            ax3.plot([x["step"] for x in log], [x["forget_nll"] for x in log], color="tab:gray", label="forget NLL")
-            ax3.set_ylabel("forget NLL (risk)", color="tab:gray")
-        ax2.set_xlabel("step")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    # the widest legend that fits the canvas: 6 columns, else 4, else 2 (one per risk); then the
-    # panels leave it room at the bottom, measured rather than guessed
+    return plt
+
+
+def _save(fig, out, dpi) -> str:
+    """Write the figure atomically (a temporary file, then os.replace) and close it."""
+    plt = _pyplot()
+    tmp = f"{out}.tmp{Path(out).suffix}"
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def _legend_below(fig, handles, labels):
+    """The widest legend that fits the canvas: 6 columns, else 4, else 2 (one per risk); then the
+    panels leave it room at the bottom, measured rather than guessed."""
     fig.canvas.draw()
     for ncol in (6, 4, 2):
         legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
@@ -697,12 +695,275 @@ def plot(run_dirs, out, symlog=False):
             break
         legend.remove()
     fig.tight_layout(rect=(0, (box.height + 4) / fig.bbox.height, 1, 1))
+
+
+def _two_row_grid(nrows, ncols, cells):
+    """A figure of nrows x ncols cells, each a G-effect axis over a weight/risk axis (height 2:1);
+    returns (fig, {cell: (top, bottom)}); cells not in `cells` are left blank."""
+    plt = _pyplot()
+    fig, grid = plt.subplots(2 * nrows, ncols, figsize=(4.2 * ncols, 5.2 * nrows), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[2, 1] * nrows))
+    axes = {}
+    for r in range(nrows):
+        for c in range(ncols):
+            if (r, c) in cells:
+                axes[(r, c)] = (grid[2 * r][c], grid[2 * r + 1][c])
+            else:
+                grid[2 * r][c].axis("off")
+                grid[2 * r + 1][c].axis("off")
+    return fig, axes
+
+
+def draw_panel(ax, ax2, rows, log, title, symlog=False, first_col=True):
+    """One run in the paper's Figure 3 style: on `ax` the unlearning G-effect in red, retaining in
+    blue, layer groups dashed (embed and lm dash-dotted); on `ax2` the method's weight (Figure 5a)
+    or GA's inverse confidence (Figure 9c) and the forget risk (Figure 9b) from log.jsonl."""
+    plt = _pyplot()
+    styles = dict(embed="-.", shallow="--", middle="--", deep="--", lm="-.")
+    shades = dict(embed=0.35, shallow=0.55, middle=0.7, deep=0.85, lm=0.45)
+    steps = [r["step"] for r in rows]
+    for key, cmap in (("unlearn", plt.cm.Reds), ("retain", plt.cm.Blues)):
+        ax.plot(steps, [r[key]["total"] for r in rows], color=cmap(0.95), lw=2, label=f"{key}")
+        for g in GROUPS:
+            ax.plot(steps, [r[key][g] for r in rows], styles[g], color=cmap(shades[g]), lw=1, label=f"{key} {g}")
+    ax.axhline(0, color="black", lw=0.5)
+    if symlog:
+        ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    if first_col:
+        ax.set_ylabel("G-effect")
+    key = next((k for k in ("weight", "inv_conf") if log and k in log[0]), None)
+    if key:
+        ax2.plot([x["step"] for x in log], [x[key] for x in log], color="tab:green", label=key)
+        if key == "inv_conf":
+            ax2.set_yscale("log")
+        ax2.set_ylabel(key, color="tab:green")
+    else:  # no weight in the log (RMU, PO): the left axis would be an empty 0-1 scale
+        ax2.set_yticks([])
+    if log:
+        ax3 = ax2.twinx()
+        ax3.plot([x["step"] for x in log], [x["forget_nll"] for x in log], color="tab:gray", label="forget NLL")
+        ax3.set_ylabel("forget NLL (risk)", color="tab:gray")
+    ax2.set_xlabel("step")
+
+
+def plot(run_dirs, out, symlog=False, dpi=130):
+    """The paper's Figure 3 style, one column per run (up to 4 a row), titled by the run folder's
+    name (draw_panel), one legend below. Returns the path written (figure_path)."""
+    runs = [(Path(d).name, *read_run(d)) for d in run_dirs]
     out = figure_path(out)
-    tmp = f"{out}.tmp{Path(out).suffix}"
-    fig.savefig(tmp, dpi=130)
-    os.replace(tmp, out)
-    plt.close(fig)
+    ncols = min(len(runs), 4)
+    nrows = -(-len(runs) // ncols)
+    fig, axes = _two_row_grid(nrows, ncols, {divmod(i, ncols) for i in range(len(runs))})
+    for i, (name, rows, log) in enumerate(runs):
+        draw_panel(*axes[divmod(i, ncols)], rows, log, name, symlog, first_col=i % ncols == 0)
+    _legend_below(fig, *axes[(0, 0)][0].get_legend_handles_labels())
+    return _save(fig, out, dpi)
+
+
+# ---- several runs of one method, side by side (Figures 4/11, 8, 12)
+
+NOT_FLAGS = {"out", "command", "overwrite", "torch", "transformers"}  # args.json entries that name no setting
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _order(v):
+    """Sort key for flag values: numbers by value, then everything else as text."""
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def panel_layout(args_list, names, rows_key=None, cols_key=None) -> list:
+    """For the runs' args.json dicts: [(title, (row, col))] in the runs' order. Titles list the flags
+    that every run has and whose values differ (the --rows and --cols keys first), e.g. "layer 3, c 5";
+    the run folder's name where nothing differs. Rows and columns are the sorted values of the keys;
+    without keys the runs fill rows of up to 4 in the order given. Raises UsageError for a key a run
+    lacks or two runs in one cell."""
+    keys = [k.replace("-", "_") if k else None for k in (rows_key, cols_key)]
+    for k in filter(None, keys):
+        for a, name in zip(args_list, names):
+            if k not in a:
+                raise common.UsageError(f"{name}: its args.json has no '{k}' (it has: "
+                                        f"{', '.join(x for x in a if x not in NOT_FLAGS)})")
+    # flags every run has (one that only some have comes from another method or version: `method` says it)
+    shared = [k for k in args_list[0] if k not in NOT_FLAGS and all(k in a for a in args_list)]
+    differ = [k for k in shared if len({json.dumps(a[k], sort_keys=True) for a in args_list}) > 1]
+    differ = [k for k in keys if k] + [k for k in differ if k not in keys]
+    titles = [textwrap.fill(", ".join(f"{k.replace('_', '-')} {_fmt(a[k])}" for k in differ), 50) or name
+              for a, name in zip(args_list, names)]
+    if not any(keys):
+        ncols = min(len(args_list), 4)
+        return [(t, divmod(i, ncols)) for i, t in enumerate(titles)]
+    axis = [sorted({json.dumps(a[k]) for a in args_list}, key=lambda s: _order(json.loads(s))) if k else ["null"]
+            for k in keys]
+    cells, seen = [], {}
+    for a, name, t in zip(args_list, names, titles):
+        cell = tuple(ax.index(json.dumps(a[k])) if k else 0 for ax, k in zip(axis, keys))
+        if cell in seen:
+            raise common.UsageError(f"{seen[cell]} and {name} fall in the same cell ({t}): "
+                                    f"choose --rows/--cols that tell them apart")
+        seen[cell] = name
+        cells.append((t, cell))
+    return cells
+
+
+def panels(run_dirs, out, rows_key=None, cols_key=None, symlog=False, dpi=110):
+    """Runs side by side in a grid (Figures 4/11: NPO over beta; 12: RMU over layer x c; 8: GD vs KL
+    vs RR), each drawn as `plot` draws it and titled by the flags that differ (panel_layout)."""
+    runs = [read_run(d) for d in run_dirs]
+    layout = panel_layout([read_args(d) for d in run_dirs], [Path(d).name for d in run_dirs], rows_key, cols_key)
+    out = figure_path(out)
+    nrows, ncols = (max(cell[i] for _, cell in layout) + 1 for i in (0, 1))
+    fig, axes = _two_row_grid(nrows, ncols, {cell for _, cell in layout})
+    for (rows, log), (title, cell) in zip(runs, layout):
+        draw_panel(*axes[cell], rows, log, title, symlog, first_col=cell[1] == 0)
+    _legend_below(fig, *axes[layout[0][1]][0].get_legend_handles_labels())
+    return _save(fig, out, dpi)
+
+
+# ---- NPO's weight against the point-wise G-effect (Figures 5b, 16, 17)
+
+W_EDGES = (0.2, 0.4, 0.6, 0.8, 1.0)
+W_LABELS = ("(0.0, 0.2]", "(0.2, 0.4]", "(0.4, 0.6]", "(0.6, 0.8]", "(0.8, 1.0]", "> 1.0")
+
+
+def weight_group(w: float) -> int:
+    """Index in W_LABELS of an NPO weight w_npo in [0, 2): the paper's five groups (lo, hi], and
+    "> 1.0" for a sample now likelier than under theta_o (w_npo = 2 sigmoid(beta log p/p_o) > 1),
+    which the paper's groups leave out. A w_npo of exactly 0 is float underflow of a tiny
+    positive weight: first group."""
+    import bisect
+    if not w >= 0:  # also NaN
+        raise ValueError(f"w_npo must be >= 0, got {w}")
+    return bisect.bisect_left(W_EDGES, w)
+
+
+def kde_grid(x, y, gx, gy):
+    """Gaussian kernel density of the points (x, y) on the grid gx x gy (Scott's bandwidth, full
+    covariance, as scipy's gaussian_kde); None when the points span no area (fewer than 5, or
+    on a line)."""
+    import numpy as np
+    pts = np.stack([x, y])
+    if pts.shape[1] < 5:
+        return None
+    cov = np.cov(pts) * pts.shape[1] ** (-2 / 6)  # Scott: n^(-1/(d+4)), d = 2, squared
+    if np.linalg.det(cov) <= 1e-12 * np.prod(np.diag(cov)) or not np.all(np.diag(cov) > 0):
+        return None
+    inv = np.linalg.inv(cov)
+    d = np.stack(np.meshgrid(gx, gy), -1)[..., None, :] - pts.T  # ny x nx x n x 2
+    q = np.einsum("...i,ij,...j->...", d, inv, d)
+    return np.exp(-q / 2).sum(-1) / (pts.shape[1] * 2 * np.pi * np.sqrt(np.linalg.det(cov)))
+
+
+def mass_levels(density, masses=(0.9, 0.5)) -> list:
+    """Density thresholds whose upper sets hold the given shares of the grid's mass (the contours
+    then enclose 90 % and 50 % of the estimated distribution), ascending."""
+    import numpy as np
+    z = np.sort(density.ravel())[::-1]
+    cum = np.cumsum(z) / z.sum()
+    return sorted({float(z[min(np.searchsorted(cum, m), len(z) - 1)]) for m in masses})
+
+
+def _symlog(v, t):  # the coordinates the density is estimated in with --symlog
+    import numpy as np
+    return np.sign(v) * np.log10(1 + np.abs(v) / t)
+
+
+def _symlog_inv(u, t):
+    import numpy as np
+    return np.sign(u) * t * (10 ** np.abs(u) - 1)
+
+
+def pointwise_points(run_dir, steps) -> dict:
+    """{step: [(pg_unlearn, pg_retain, w_npo), ...]} of an NPO run made with --geffect-pointwise;
+    raises UsageError when it has no point-wise rows, no w_npo, or no row at a requested step."""
+    rows, _ = read_run(run_dir)
+    have = {r["step"]: r["pointwise"] for r in rows if r.get("pointwise")}
+    if not have:
+        raise common.UsageError(f"{run_dir} has no point-wise rows: run it with --geffect-pointwise")
+    if not all("w_npo" in p for ps in have.values() for p in ps):
+        raise common.UsageError(f"{run_dir}: its point-wise rows have no w_npo (only NPO runs log the weight)")
+    missing = [s for s in steps if s not in have]
+    if missing:
+        raise common.UsageError(f"{run_dir} has no point-wise row at step {', '.join(map(str, missing))} "
+                                f"(it has steps {min(have)}-{max(have)})")
+    out = {}
+    for s in steps:
+        out[s] = [(p["pg_unlearn"], p["pg_retain"], p["w_npo"]) for p in have[s]]
+        bad = [w for _, _, w in out[s] if not w >= 0]
+        if bad:
+            raise common.UsageError(f"{run_dir}: w_npo {bad[0]} at step {s} (a weight is >= 0)")
     return out
+
+
+def pointwise_figure(run_dirs, steps=(5, 10, 15), separate=False, symlog=False):
+    """The figure of `pointwise` (returned, not saved): one panel per run with the checkpoints at
+    `steps` joined (Figure 16), or with `separate` one per run and step (Figure 17, a row per run)."""
+    import numpy as np
+    plt = _pyplot()
+    runs = []
+    for d in run_dirs:
+        pts = pointwise_points(d, steps)
+        beta = read_args(d).get("beta")
+        if beta is None:
+            raise common.UsageError(f"{d}/args.json has no beta")
+        runs.append((_fmt(beta), pts))
+    cells = []  # (title, points)
+    for beta, pts in runs:
+        if separate:
+            cells += [(f"β = {beta}, step {s}", pts[s]) for s in steps]
+        else:
+            cells.append((f"β = {beta}, steps {', '.join(map(str, steps))}", [p for s in steps for p in pts[s]]))
+    ncols = len(steps) if separate else min(len(cells), 4)
+    nrows = -(-len(cells) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 4.0 * nrows), squeeze=False)
+    for k in range(len(cells), nrows * ncols):
+        grid.flat[k].axis("off")
+    colors = [plt.cm.Blues(v) for v in (0.3, 0.45, 0.6, 0.78, 0.95)] + ["tab:orange"]
+    for k, (title, pts) in enumerate(cells):
+        ax = grid.flat[k]
+        a = np.array(pts, dtype=float)  # n x 3: pg_unlearn, pg_retain, w_npo
+        group = np.array([weight_group(w) for w in a[:, 2]])
+        # --symlog: the density is estimated in sign(v) log10(1 + |v|/t) coordinates, t per axis
+        # the 10th percentile of the nonzero |values| (matplotlib's symlog scale draws them alike)
+        t = [max(np.quantile(np.abs(v[v != 0]), 0.1), 1e-12) if (v != 0).any() else 1.0 for v in a[:, :2].T]
+        fwd = (lambda v, i: _symlog(v, t[i])) if symlog else (lambda v, i: v)
+        inv = (lambda u, i: _symlog_inv(u, t[i])) if symlog else (lambda u, i: u)
+        u = np.stack([fwd(a[:, i], i) for i in (0, 1)], 1)
+        lo, hi = u.min(0), u.max(0)
+        pad = np.where(hi > lo, hi - lo, 1.0) * 0.3  # room for the outer contour
+        g = [np.linspace(lo[i] - pad[i], hi[i] + pad[i], 80) for i in (0, 1)]
+        for j, label in enumerate(W_LABELS):
+            sel = group == j
+            if not sel.any():
+                continue
+            name = f"w_npo {label}" if j < 5 else f"w_npo {label} (outside the paper's groups)"
+            ax.scatter(a[sel, 0], a[sel, 1], s=12, color=colors[j], alpha=0.85, linewidths=0 if j < 5 else 1,
+                       marker="o" if j < 5 else "x", label=f"{name}: {int(sel.sum())}")
+            z = kde_grid(u[sel, 0], u[sel, 1], *g)
+            if z is not None:
+                gx, gy = np.meshgrid(inv(g[0], 0), inv(g[1], 1))
+                ax.contour(gx, gy, z, levels=mass_levels(z), colors=[colors[j]], linewidths=1.2)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.axvline(0, color="black", lw=0.5)
+        if symlog:
+            ax.set_xscale("symlog", linthresh=t[0])
+            ax.set_yscale("symlog", linthresh=t[1])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("unlearning PG-effect (D_u)")
+        ax.set_ylabel("retaining PG-effect (D_r)")
+        ax.legend(fontsize=6.5, title="samples per weight group", title_fontsize=6.5, loc="best", framealpha=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def pointwise(run_dirs, out, steps=(5, 10, 15), separate=False, symlog=False, dpi=110):
+    """Write pointwise_figure to `out` (figure_path); returns the path."""
+    out = figure_path(out)
+    return _save(pointwise_figure(run_dirs, steps, separate, symlog), out, dpi)
 
 
 def main(argv=None):
@@ -712,6 +973,21 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders with a geffect.jsonl")
     p.add_argument("-o", "--out", default="geffect.png", help="image file to write (a bare name goes under out/)")
     p.add_argument("--symlog", action="store_true", help="symmetric log scale for the G-effect")
+    p = sub.add_parser("panels", help="runs side by side, titled and arranged by the flags that differ "
+                                      "(Figures 4/11, 8, 12)")
+    p.add_argument("runs", nargs="+", help="run folders with a geffect.jsonl and an args.json")
+    p.add_argument("--rows", default=None, help="args.json key whose sorted values make the rows (e.g. layer)")
+    p.add_argument("--cols", default=None, help="args.json key whose sorted values make the columns (e.g. c)")
+    p.add_argument("-o", "--out", default="geffect-panels.png", help="image file to write (a bare name goes under out/)")
+    p.add_argument("--symlog", action="store_true", help="symmetric log scale for the G-effect")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of the image")
+    p = sub.add_parser("pointwise", help="NPO's weight against each forget sample's PG-effect (Figures 5b, 16, 17)")
+    p.add_argument("runs", nargs="+", help="NPO run folders made with --geffect-pointwise")
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 15], help="checkpoints (the step of log.jsonl)")
+    p.add_argument("--separate", action="store_true", help="one panel per run and step (Figure 17), not joined")
+    p.add_argument("-o", "--out", default="geffect-pointwise.png", help="image file to write (a bare name goes under out/)")
+    p.add_argument("--symlog", action="store_true", help="symmetric log scales (the PG-effect spans decades)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of the image")
     t = sub.add_parser("tokens", help="the forget answers' tokens shaded by their weights (Appendix F.2), as HTML "
                                       "and PNG")
     t.add_argument("runs", nargs="+", help="run folders with a token_weights.jsonl (--log-token-weights)")
@@ -724,10 +1000,19 @@ def main(argv=None):
                    help="HTML file to write, its PNG beside it (a bare name goes under out/)")
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "tokens":
-            out = tokens_page(args.runs, args.out, args.rows, args.epochs, args.scale)
-        else:
+        if getattr(args, "dpi", 1) < 1:
+            raise common.UsageError(f"--dpi must be positive, got {args.dpi}")
+        if args.cmd == "plot":
             out = plot(args.runs, args.out, args.symlog)
+        elif args.cmd == "tokens":
+            out = tokens_page(args.runs, args.out, args.rows, args.epochs, args.scale)
+        elif args.cmd == "panels":
+            out = panels(args.runs, args.out, args.rows, args.cols, args.symlog, args.dpi)
+        else:
+            steps = list(dict.fromkeys(args.steps))
+            if min(steps) < 1:
+                raise common.UsageError(f"--steps are steps of log.jsonl, from 1; got {min(steps)}")
+            out = pointwise(args.runs, args.out, steps, args.separate, args.symlog, args.dpi)
     except common.UsageError as e:
         common.die(str(e))
     print(out)
