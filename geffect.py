@@ -11,11 +11,19 @@ each step's own retain batch instead, the paper's D_t minus D_u), L the step's l
 e_r >= 0 retention (Figure 1). Values are split by parameter group (embed, shallow, middle,
 deep = the decoder layers in thirds, lm = final norm and output layer), by decoder layer, by
 loss term (objective, regularizer), and with --geffect-pointwise per forget sample (the
-PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample). With --geffect-order 1 or 2,
-each row also says what the real optimizer step did to each risk against what e predicts (Probe._delta).
+PG-effect of eq. 5: the risk gradient . grad log p(s_u) of each sample). Each row also says what the
+real optimizer step did to each risk against what e predicts (--geffect-order 1, the default, or 2 with
+the second-order term; Probe._delta).
 
     python wga.py --split forget05 --geffect-every 1              # writes RUN_DIR/geffect.jsonl
     python geffect.py plot out/wga-tiny-forget05 out/npo-tiny-forget05 -o geffect.png [--symlog]   # -> out/geffect.png
+
+The paper's other figures, from logged runs: `panels` (runs side by side, titled and laid out by the
+flags that differ: NPO over beta, RMU over layer x c, GD/KL/RR; Figures 4/11, 12, 8) and `pointwise`
+(NPO's w_npo against each sample's PG-effect, from --geffect-pointwise runs; Figures 5b, 16, 17):
+
+    python geffect.py panels RUN_b0.5 RUN_b1 RUN_b2 --cols beta -o npo_beta.png
+    python geffect.py pointwise RUN_b0.5 RUN_b1 RUN_b2 --steps 5 10 15 [--separate] -o pointwise.png
 
 Token weights (Appendix F.2): wga.py, tnpo.py and wtnpo.py with --log-token-weights write each forget answer's
 per-token weights at every step (RUN_DIR/token_weights.jsonl); `tokens` shades the answers by them, epoch by epoch:
@@ -26,7 +34,8 @@ How it is cheap: the run's own backward pass gives grad L; grad R(D_u) comes fro
 forward graph (kept for one more backward at measured steps); the regularizer's gradient is
 routed into the one extra gradient buffer while the objective's stays in .grad; the risk
 gradients are never stored: per-parameter hooks take their dot products as backward produces
-them. With --geffect-pointwise the two risk gradients are kept (two more gradient copies).
+them. With --geffect-pointwise or --geffect-order >= 1 the two risk gradients are kept until the
+step (two more gradient copies); order 2 also keeps a copy of the trainable weights.
 
 Dropout: training keeps the model config's dropout, as TOFU's code does (model.train(), the reference
 model in eval mode), and the probe measures in the step's mode: grad R(D_u) comes from the step's own
@@ -36,7 +45,8 @@ Groups are found by structure (common.decoder_layers), so any architecture works
 
 Under torchrun (FSDP2) the hooks see this process's shards of each gradient: the dot products
 are taken shard by shard and summed over the processes with one all-reduce per measured step;
-D_r is dealt out in equal shares. --geffect-pointwise runs in one process only.
+D_r is dealt out in equal shares; the step deltas (orders 1, 2) are summed the same way.
+--geffect-pointwise runs in one process only.
 """
 import json
 import math

@@ -3,20 +3,19 @@ The paper's other G-effect figures on forget05 of the built-in set (tiny model, 
 step measured), drawn by `geffect.py panels` and `geffect.py pointwise` into docs/:
 
     OMP_NUM_THREADS=1 python benchmarks/geffect_paper_figures.py    # 15 runs: 543 s (9 min) on 2 busy cores
-    python benchmarks/geffect_paper_figures.py --draw-only          # redraw from the runs already in out/figs-A/
+    python benchmarks/geffect_paper_figures.py --draw-only          # redraw from the runs already in out/figures/paper/
 
 - NPO, beta 0.5 / 1 / 2, no regularizer, with --geffect-pointwise: docs/geffect_npo_beta.png (Figures 4/11),
   docs/geffect_npo_pointwise.png (Figure 16: checkpoints 5, 10, 15 joined) and
   docs/geffect_npo_pointwise_steps.png (Figure 17: beta 1, each checkpoint apart);
 - RMU, hidden state 2 / 4 / 6 of the tiny model's 6 layers (the paper's 11th / 22nd / 33rd: a third,
   two thirds, the last) x c 0 / 1 / 5, no regularizer: docs/geffect_rmu.png (Figure 12);
-- GA with --reg gd / kl / rr: docs/geffect_reg.png (Figure 8, whose objective in the paper is NPO).
+- NPO (beta 0.5) with --reg gd / kl / rr: docs/geffect_reg.png (Figure 8, the paper's objective there).
 
-The NPO runs took about 72 s each (the point-wise PG-effect: a backward per sample), the others
-19-47 s; drawing the five figures takes about 12 s.
+The point-wise NPO runs took about 72 s each (a backward per sample), the others 19-47 s; drawing the five figures takes about 12 s.
 
 The objective-only runs (NPO, RMU) use --reg none, as the paper's Sections 4.2-4.3 study the
-objectives alone; the method scripts' default is KL. Runs go to out/figs-A/<name>.
+objectives alone; the method scripts' default is KL. Runs go to out/figures/paper/<name>.
 """
 import argparse
 import subprocess
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import geffect  # noqa: E402
 
-RUNS_DIR = ROOT / "out" / "figs-A"
+RUNS_DIR = ROOT / "out" / "figures" / "paper"
 COMMON = ["--split", "forget05", "--no-eval", "--no-save", "--geffect-every", "1", "--log-every", "1", "--overwrite"]
 BETAS = ("0.5", "1", "2")
 LAYERS = ("2", "4", "6")
@@ -44,7 +43,7 @@ def runs() -> dict:
         for c in CS:
             out[f"rmu-layer{layer}-c{c}"] = ["rmu.py", "--layer", layer, "--c", c, "--reg", "none"]
     for reg in ("gd", "kl", "rr"):
-        out[f"ga-{reg}"] = ["ga.py", "--reg", reg]
+        out[f"npo-{reg}"] = ["npo.py", "--reg", reg]
     return out
 
 
@@ -59,7 +58,7 @@ def shrink(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--draw-only", action="store_true", help="draw from the runs already in out/figs-A/")
+    parser.add_argument("--draw-only", action="store_true", help="draw from the runs already in out/figures/paper/")
     args = parser.parse_args()
     start = time.time()
     if not args.draw_only:
@@ -77,7 +76,7 @@ def main():
                           separate=True, symlog=True),
         geffect.panels([RUNS_DIR / f"rmu-layer{layer}-c{c}" for layer in LAYERS for c in CS], docs / "geffect_rmu.png",
                        rows_key="layer", cols_key="c", symlog=True),
-        geffect.panels([RUNS_DIR / f"ga-{r}" for r in ("gd", "kl", "rr")], docs / "geffect_reg.png", cols_key="reg",
+        geffect.panels([RUNS_DIR / f"npo-{r}" for r in ("gd", "kl", "rr")], docs / "geffect_reg.png", cols_key="reg",
                        symlog=True),
     ]
     for path in made:

@@ -1,0 +1,145 @@
+"""
+How often the paper's G-effect tells the truth about the real step: all seven methods on forget05
+of the built-in set, with KL and without a regularizer, 20 steps, every step measured with
+--geffect-order 2. For each run and each risk (D_u, D_r):
+
+- sign agreement: the share of steps where the sign of a prediction (the paper's -lr*e, the real
+  update's grad R . step, the second-order value) is the sign of the actual change of R;
+- rank correlation (Spearman) over the steps between each prediction and the actual change;
+- the steps where the paper's sign is wrong;
+- the size: the median over the steps of |actual| / |prediction| and of |prediction - actual| / |actual|.
+
+    python benchmarks/geffect_delta.py               # 14 runs, ~15 minutes on 2 cores -> docs/geffect_delta.{json,png}
+    python benchmarks/geffect_delta.py --from-runs   # the summary and the figure again, from the runs in out/
+
+Runs go to out/figures/delta-<method>-<reg>. The figure has the layout of the paper's Figure 3,
+one column per method: the actual change of R(D_u) (red) and of R(D_r) (blue), solid, with the
+paper's prediction (dotted) and the real update's (dashed) over it.
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import geffect  # noqa: E402
+from geffect_paper_figures import shrink  # noqa: E402  (benchmarks/, this script's folder)
+
+METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
+PREDICTIONS = ("gradient", "update", "second_order")
+
+
+def ranks(xs):
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def spearman(a, b):
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def summarise(rows):
+    out = {}
+    for d in ("unlearn", "retain"):
+        actual = [r["delta"][d]["actual"] for r in rows]
+        rec = dict(actual=actual)
+        for k in PREDICTIONS:
+            pred = [r["delta"][d][k] for r in rows]
+            rec[k] = pred
+            rec[f"{k}_sign_agreement"] = sum((p > 0) == (a > 0) for p, a in zip(pred, actual)) / len(rows)
+            rec[f"{k}_spearman"] = spearman(pred, actual)
+            rec[f"{k}_size"] = median(abs(a) / abs(p) for p, a in zip(pred, actual) if p)  # actual / predicted
+            rec[f"{k}_error"] = median(abs(p - a) / abs(a) for p, a in zip(pred, actual) if a)
+        for k in ("gradient", "update"):
+            rec[f"{k}_wrong_steps"] = [r["step"] for r in rows if (r["delta"][d][k] > 0) != (r["delta"][d]["actual"] > 0)]
+        out[d] = rec
+    return out
+
+
+def figure(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    regs = sorted({reg for _, reg in results})
+    fig, axes = plt.subplots(len(regs), len(METHODS), figsize=(3.0 * len(METHODS), 3.0 * len(regs)), squeeze=False)
+    for i, reg in enumerate(regs):
+        for j, m in enumerate(METHODS):
+            ax = axes[i][j]
+            s = results[(m, reg)]
+            steps = list(range(1, len(s["unlearn"]["actual"]) + 1))
+            for d, color in (("unlearn", "tab:red"), ("retain", "tab:blue")):
+                ax.plot(steps, s[d]["actual"], "-", color=color, lw=1.8, label=f"{d}: actual")
+                ax.plot(steps, s[d]["gradient"], ":", color=color, lw=1.2, label=f"{d}: -lr e (paper)")
+                ax.plot(steps, s[d]["update"], "--", color=color, lw=1.0, label=f"{d}: grad R . update")
+            ax.axhline(0, color="black", lw=0.5)
+            ax.set_yscale("symlog", linthresh=1e-4)
+            ax.set_title(f"{m.upper()}, {reg}", fontsize=9)
+            ax.set_xlabel("step")
+            if j == 0:
+                ax.set_ylabel("change of R")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    geffect._save(fig, str(path), dpi=110)  # atomically
+    shrink(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from-runs", action="store_true", help="summarise the runs already in out/figures/")
+    args = parser.parse_args()
+    results = {}
+    for reg in ("kl", "none"):
+        for m in METHODS:
+            out = ROOT / "out" / "figures" / f"delta-{m}-{reg}"
+            if not args.from_runs:
+                subprocess.run([sys.executable, f"{m}.py", "--split", "forget05", "--reg", reg, "--geffect-every", "1",
+                                "--geffect-order", "2", "--no-eval", "--no-save", "--out", str(out), "--overwrite"],
+                               cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            rows, _ = geffect.read_run(out)
+            results[(m, reg)] = summarise(rows)
+            u, r = results[(m, reg)]["unlearn"], results[(m, reg)]["retain"]
+            print(f"{m:6s} {reg:4s} sign agreement of -lr e: D_u {u['gradient_sign_agreement']:.2f} "
+                  f"D_r {r['gradient_sign_agreement']:.2f} | of the update: D_u {u['update_sign_agreement']:.2f} "
+                  f"D_r {r['update_sign_agreement']:.2f}", flush=True)
+    docs = ROOT / "docs"
+    (docs / "geffect_delta.json").write_text(json.dumps({f"{m}-{reg}": v for (m, reg), v in results.items()},
+                                                        indent=1) + "\n")
+    figure(results, docs / "geffect_delta.png")
+    lines = ["| method | reg | risk | sign agreement: -lr e / update / 2nd order | Spearman: -lr e / update / 2nd order "
+             "| \\|actual\\| / \\|-lr e\\| | error of update / 2nd order | wrong sign: -lr e / update |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (m, reg), s in results.items():
+        for d in ("unlearn", "retain"):
+            x = s[d]
+            lines.append(f"| {m.upper()} | {reg} | {'D_u' if d == 'unlearn' else 'D_r'} | "
+                         + " / ".join(f"{x[f'{k}_sign_agreement']:.2f}" for k in PREDICTIONS) + " | "
+                         + " / ".join(f"{x[f'{k}_spearman']:.2f}" for k in PREDICTIONS) + " | "
+                         + f"{x['gradient_size']:.3g} | {x['update_error']:.2f} / {x['second_order_error']:.2f} | "
+                         + " / ".join(", ".join(map(str, x[f"{k}_wrong_steps"])) or "none" for k in ("gradient", "update"))
+                         + " |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
