@@ -141,7 +141,7 @@ class Probe:
         self.every, self.pointwise = args.geffect_every, args.geffect_pointwise
         self.order = getattr(args, "geffect_order", 0)
         self.beta = getattr(args, "beta", None)
-        self.model, self.pending = model, None
+        self.model, self.pending, self.waiting = model, None, None
         check_flags(args)
         if not self.every:
             return
@@ -162,6 +162,9 @@ class Probe:
         self.file = open(Path(run_dir) / "geffect.jsonl", "w") if common.is_main() else None
         self.mode, self.kept, self.extra, self.dots, self.store, self.stash = None, [], None, {}, None, None
         self.step_vec = self.curv = None  # --geffect-order 2: theta_t+1 - theta_t and its dot products
+        # order 1, every step, held-out D_r: R(D_r; theta_t+1) is the next step's R(D_r; theta_t), which its
+        # G-effect computes anyway; a row waits for it instead of paying one more forward of D_r
+        self.reuse_dr = self.order == 1 and self.every == 1 and not self.step_dr
         for i, (_, p, _, _) in enumerate(self.params):
             p.register_post_accumulate_grad_hook(lambda p, i=i: self._hook(i, p))
 
@@ -326,7 +329,8 @@ class Probe:
         after, curv = {}, {}
         if self.order == 1:
             with self._same_rng(dev):
-                after = {d: self._risk(b, n) for d, (b, n) in sets.items()}
+                after = {d: self._risk(b, n) if not (d == "retain" and self.reuse_dr) else 0.0
+                         for d, (b, n) in sets.items()}
         else:
             self.step_vec = pend["before"]
             for s, p in zip(self.step_vec, params):
@@ -359,7 +363,19 @@ class Probe:
                 rec["second_order"] = second.sum().item()
                 rec["groups"]["second_order"] = {g: v for g, v in self._aggregate(second).items() if g in GROUPS}
             row["delta"][d] = rec
-        self._write(row)
+        if not self.reuse_dr:
+            self._write(row)
+            return
+        self._complete(flat[2].item())  # the previous row's R(D_r; theta_t+1) is this one's R(D_r; theta_t)
+        self.waiting = row
+
+    def _complete(self, risk_r):
+        """Write the waiting row, its D_r "actual" now known from R(D_r) at the weights after its step."""
+        if self.waiting is not None:
+            rec = self.waiting["delta"]["retain"]
+            rec["actual"] = risk_r - rec["risk"]
+            self._write(self.waiting)
+            self.waiting = None
 
     def _write(self, row):
         if self.file is not None:
@@ -393,7 +409,16 @@ class Probe:
         return rows
 
     def close(self):
-        """Write a measured row whose step was never taken (a loop that ended without probe.step), close."""
+        """Write the last rows: one waiting for R(D_r) after its step (one forward), and a measured row whose
+        step was never taken (a loop that ended without probe.step); close."""
+        if self.waiting is not None:
+            dev = self.params[0][1].device
+            with self._same_rng(dev):
+                r = torch.tensor([self._risk(self.d_r, self.d_r_tok)], dtype=torch.float64, device=dev)
+            if common.world()[1] > 1:
+                import torch.distributed as dist
+                dist.all_reduce(r)
+            self._complete(r.item())
         if self.pending is not None:
             self._write(self.pending["row"])
             self.pending = None

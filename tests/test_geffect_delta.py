@@ -120,16 +120,23 @@ def test_second_order_term_is_the_hessian_at_theta_t(tiny_tokenizer, tmp_path):
 
 def test_a_method_run_logs_delta_every_measured_step(tmp_path, tiny_path):
     import wga
-    out = tmp_path / "run"
-    wga.main(["--split", "forget01", "--max-steps", "3", "--no-eval", "--geffect-every", "1", "--geffect-order", "2",
-              "--out", str(out)])
-    rows = [json.loads(x) for x in open(out / "geffect.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
+    rows = {}
+    for order in (2, 1):  # order 1 at every step takes R(D_r) after a step from the next step's G-effect
+        out = tmp_path / f"order{order}"
+        wga.main(["--split", "forget01", "--max-steps", "3", "--no-eval", "--geffect-every", "1",
+                  "--geffect-order", str(order), "--out", str(out)])
+        rows[order] = [json.loads(x) for x in open(out / "geffect.jsonl")]
+    assert [r["step"] for r in rows[2]] == [r["step"] for r in rows[1]] == [1, 2, 3]
+    for r in rows[2]:
         for d in ("unlearn", "retain"):
             assert set(r["delta"][d]) >= {"actual", "gradient", "update", "second_order", "risk", "groups"}
+    for r1, r2 in zip(rows[1], rows[2]):  # the same training: the same changes, however R after is had
+        for d in ("unlearn", "retain"):
+            assert "second_order" not in r1["delta"][d]
+            for k in ("actual", "update", "risk"):
+                assert r1["delta"][d][k] == pytest.approx(r2["delta"][d][k], rel=1e-5, abs=1e-9), (d, k)
     # forget01's 10 rows are every step's whole batch, and D_r is the same held-out rows: what one step
     # measured after itself is what the next measures before itself
-    for a, b in zip(rows, rows[1:]):
+    for a, b in zip(rows[2], rows[2][1:]):
         for d in ("unlearn", "retain"):
             assert b["delta"][d]["risk"] == pytest.approx(a["delta"][d]["risk"] + a["delta"][d]["actual"], rel=1e-5)
