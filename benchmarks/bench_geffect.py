@@ -3,7 +3,7 @@ Cost of measuring the G-effect: a method run with --geffect-every 1 (every step 
 the same run without it, with the default KL regularizer and without a regularizer; and the cost of
 what the real step did (--geffect-order 1, the default, and 2) against the G-effect alone (order 0).
 
-    python benchmarks/bench_geffect.py                  # tiny preset, forget05, ~12 minutes on 2 cores
+    python benchmarks/bench_geffect.py                  # tiny preset, forget05, ~20 minutes on 2 cores
     python benchmarks/bench_geffect.py --methods ga npo --repeats 5
 
 Each configuration runs in a fresh process. Time: the median over --repeats of the seconds per
