@@ -632,9 +632,9 @@ def tokens_png(runs, questions, epochs, scale, path):
 def tokens_page(run_dirs, out, rows, epochs, scale="run") -> str:
     """Write the token-weight page FILE.html and its image FILE.png (figure_path; each atomically,
     nothing written on bad input); returns the HTML's path."""
-    out = figure_path(out)
-    if Path(out).suffix.lower() not in (".html", ".htm"):
+    if Path(str(out)).suffix.lower() not in (".html", ".htm"):
         raise common.UsageError(f"-o must name an .html file (the image goes beside it as .png), got {out}")
+    out = figure_path(out, page=True)
     if not rows or len(set(rows)) != len(rows):
         raise common.UsageError("--rows needs one or more distinct forget row indices")
     runs, questions, epochs = _token_data(run_dirs, rows, epochs, scale)
@@ -682,13 +682,14 @@ def read_args(run_dir) -> dict:
     return args
 
 
-def figure_path(out) -> str:
+def figure_path(out, page=False) -> str:
     """A bare file name goes under out/ (git-ignored), as run folders do; a path with a folder is kept.
-    Raises UsageError for a folder that does not exist or a file type matplotlib cannot write."""
+    Raises UsageError for a folder that does not exist or (unless `page`: an HTML page the caller
+    checked) a file type matplotlib cannot write."""
     from matplotlib.backend_bases import FigureCanvasBase
     out = str(out)
     kind = Path(out).suffix.lstrip(".").lower()
-    if kind not in FigureCanvasBase.get_supported_filetypes():
+    if not page and kind not in FigureCanvasBase.get_supported_filetypes():
         raise common.UsageError(f"-o {out}: the name must end in an image type ({', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))})")
     if os.path.dirname(out):
         if not os.path.isdir(os.path.dirname(out)):

@@ -128,7 +128,9 @@ def test_dropout_is_kept_and_the_probe_measures_in_training_mode(tiny_tokenizer,
     monkeypatch.setattr(common, "answer_logprobs", lambda model, batch: (modes.append(model.training),
                                                                          logprobs(model, batch))[1])
     rows, log = run("ga", dropout, tmp_path / "probe")
-    assert modes == [True] * 4  # per step: ga's forget forward, then the probe's D_r forward
+    # per step: ga's forget forward, the probe's D_r forward, R(D_u) after the step (--geffect-order 1);
+    # at the end R(D_r) after the last step
+    assert modes == [True] * 7
     assert log[0]["reg"] > 0  # dropout: p differs from p_o (eval mode) even at theta_o
     assert all(r[k][g] != 0 for r in rows for k in ("unlearn", "retain") for g in geffect.GROUPS)
     plain = tmp_path / "plain"
