@@ -237,12 +237,7 @@ class Probe:
         self.store = [None] * len(self.params) if keep else None
         last = self.kept[-1][2]
         d_r, d_r_tok = (last["step_retain"], last["retain_tok"]) if self.step_dr else (self.d_r, self.d_r_tok)
-        with self._same_rng(dev):
-            for b in d_r:
-                lp, m = common.answer_logprobs(self.model, b)
-                r = -(lp * m).sum() / d_r_tok
-                risk["retain"] += r.item()
-                self._stream("retain", r)
+        risk["retain"] = self._stream_risk("retain", d_r, d_r_tok)
         saved["retain"] = self.store
         self.store = None
         if common.world()[1] > 1:  # one all-reduce: the shards' dot products add up to the full ones
@@ -274,6 +269,18 @@ class Probe:
         self.pending = dict(row=row, risk=risk, saved=saved, forget=forget, n_u=n_u, d_r=d_r, d_r_tok=d_r_tok,
                             dot_before={d: self._dots(saved[d], params) for d in saved},
                             before=[p.detach().clone() for p in params] if self.order == 2 else None)
+
+    def _stream_risk(self, mode, batches, n_tok) -> float:
+        """R of `batches` (answer-token NLL over n_tok, this process's share), a forward and a backward per
+        batch with the hooks in `mode`; in the step's mode, the random state put back after (_same_rng)."""
+        total = 0.0
+        with self._same_rng(self.params[0][1].device):
+            for b in batches:
+                lp, m = common.answer_logprobs(self.model, b)
+                r = -(lp * m).sum() / n_tok
+                total += r.item()
+                self._stream(mode, r)
+        return total
 
     @staticmethod
     def _same_rng(dev):
@@ -335,14 +342,9 @@ class Probe:
             self.step_vec = pend["before"]
             for s, p in zip(self.step_vec, params):
                 s.neg_().add_(p.detach())  # d = theta_t+1 - theta_t, in the copy's place
-            for d, (batches, n) in sets.items():
-                self.curv, after[d] = torch.zeros(len(params), dtype=torch.float64, device=dev), 0.0
-                with self._same_rng(dev):
-                    for b in batches:  # R and its gradient at theta_t+1, dotted with d by the hooks
-                        lp, m = common.answer_logprobs(self.model, b)
-                        r = -(lp * m).sum() / n
-                        after[d] += r.item()
-                        self._stream("after", r)
+            for d, (batches, n) in sets.items():  # R and its gradient at theta_t+1, dotted with d by the hooks
+                self.curv = torch.zeros(len(params), dtype=torch.float64, device=dev)
+                after[d] = self._stream_risk("after", batches, n)
                 curv[d] = self.curv
             self.step_vec = self.curv = None
         flat = torch.cat([torch.tensor([pend["risk"][d], after[d]], dtype=torch.float64, device=dev) for d in keys]
@@ -478,15 +480,22 @@ def read_tokens(run_dir) -> tuple:
     path = Path(run_dir) / "token_weights.jsonl"
     if not path.is_file():
         raise common.UsageError(f"{path} does not exist: run wga.py, tnpo.py or wtnpo.py with --log-token-weights")
+    keys = {"row", "epoch", "step", "question", "tokens", "weights"}
     try:
-        rows = {(r["row"], r["epoch"]): r for r in map(json.loads, filter(str.strip, open(path)))}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        rows = {}
+        for line in filter(str.strip, open(path)):
+            r = json.loads(line)
+            if not isinstance(r, dict) or not keys <= r.keys() or not r["tokens"] \
+                    or len(r["tokens"]) != len(r["weights"]):
+                raise ValueError(f"a row needs {', '.join(sorted(keys))}, with one weight per token: {line.strip()[:80]}")
+            rows[(r["row"], r["epoch"])] = r
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
         raise common.UsageError(f"{path} is not valid token-weight JSON Lines: {e}")
     if not rows:
         raise common.UsageError(f"{path} has no rows")
-    try:  # the script that made the run: its args.json's command
-        method = Path(json.load(open(Path(run_dir) / "args.json"))["command"].split()[0]).stem.upper()
-    except (OSError, ValueError, KeyError, IndexError, AttributeError):
+    try:  # the script that made the run
+        method = str(read_args(run_dir).get("method", Path(run_dir).name)).upper()
+    except (common.UsageError, AttributeError):
         method = Path(run_dir).name
     return method, rows
 
@@ -576,9 +585,7 @@ def tokens_html(runs, questions, epochs, scale) -> str:
 
 def tokens_png(runs, questions, epochs, scale, path):
     """The page's content as an image: each token a text box coloured by its weight, the paper's EP lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.font_manager import FontProperties
     width, dpi, size = 1100, 100, 9  # pixels, dots per inch, font points
     font, bold = FontProperties(size=size), FontProperties(size=size + 1, weight="bold")
@@ -616,7 +623,8 @@ def tokens_png(runs, questions, epochs, scale, path):
     fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     for x, yy, text, f, colors in items:
         kw = dict(bbox=dict(boxstyle="square,pad=0.12", fc=colors[0], ec="none"), color=colors[1]) if colors else {}
-        fig.text(x / width, 1 - yy / height, text, fontproperties=f, va="baseline", ha="left", **kw)
+        fig.text(x / width, 1 - yy / height, text, fontproperties=f, va="baseline", ha="left", parse_math=False,
+                 **kw)
     grad = [[k / 63 for k in range(64)]]
     for x, yy, _ in bars:
         ax = fig.add_axes((x / width, 1 - (yy + 1) / height, 120 / width, 10 / height))
@@ -624,8 +632,10 @@ def tokens_png(runs, questions, epochs, scale, path):
         ax.set_xticks([])
         ax.set_yticks([])
     tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     return tmp
 
 
@@ -640,12 +650,17 @@ def tokens_page(run_dirs, out, rows, epochs, scale="run") -> str:
     runs, questions, epochs = _token_data(run_dirs, rows, epochs, scale)
     png = str(Path(out).with_suffix(".png"))
     page = tokens_html(runs, questions, epochs, scale)
-    tmp_png = tokens_png(runs, questions, epochs, scale, png)
-    tmp = f"{out}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp_png, png)
-    os.replace(tmp, out)
+    tmp, tmp_png = f"{out}.tmp", f"{png}.tmp.png"
+    try:
+        tokens_png(runs, questions, epochs, scale, png)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp_png, png)
+        os.replace(tmp, out)
+    finally:  # nothing half-written
+        for t in (tmp, tmp_png):
+            if os.path.exists(t):
+                os.remove(t)
     return out
 
 

@@ -18,9 +18,13 @@ paper's prediction (dotted) and the real update's (dashed) over it.
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
+
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,34 +35,9 @@ METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
 PREDICTIONS = ("gradient", "update", "second_order")
 
 
-def ranks(xs):
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):  # ties share their mean rank
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2
-        i = j + 1
-    return r
-
-
-def spearman(a, b):
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else float("nan")
-
-
-def median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
 def summarise(rows):
+    if not rows or any("second_order" not in r.get("delta", {}).get("unlearn", {}) for r in rows):
+        raise SystemExit("every geffect.jsonl row needs delta.*.second_order: run without --from-runs")
     out = {}
     for d in ("unlearn", "retain"):
         actual = [r["delta"][d]["actual"] for r in rows]
@@ -67,9 +46,9 @@ def summarise(rows):
             pred = [r["delta"][d][k] for r in rows]
             rec[k] = pred
             rec[f"{k}_sign_agreement"] = sum((p > 0) == (a > 0) for p, a in zip(pred, actual)) / len(rows)
-            rec[f"{k}_spearman"] = spearman(pred, actual)
-            rec[f"{k}_size"] = median(abs(a) / abs(p) for p, a in zip(pred, actual) if p)  # actual / predicted
-            rec[f"{k}_error"] = median(abs(p - a) / abs(a) for p, a in zip(pred, actual) if a)
+            rec[f"{k}_spearman"] = float(spearmanr(pred, actual).statistic)
+            rec[f"{k}_size"] = median([abs(a) / abs(p) for p, a in zip(pred, actual) if p])  # actual / predicted
+            rec[f"{k}_error"] = median([abs(p - a) / abs(a) for p, a in zip(pred, actual) if a])
         for k in ("gradient", "update"):
             rec[f"{k}_wrong_steps"] = [r["step"] for r in rows if (r["delta"][d][k] > 0) != (r["delta"][d]["actual"] > 0)]
         out[d] = rec
@@ -123,8 +102,9 @@ def main():
                   f"D_r {r['gradient_sign_agreement']:.2f} | of the update: D_u {u['update_sign_agreement']:.2f} "
                   f"D_r {r['update_sign_agreement']:.2f}", flush=True)
     docs = ROOT / "docs"
-    (docs / "geffect_delta.json").write_text(json.dumps({f"{m}-{reg}": v for (m, reg), v in results.items()},
-                                                        indent=1) + "\n")
+    tmp = docs / "geffect_delta.json.tmp"
+    tmp.write_text(json.dumps({f"{m}-{reg}": v for (m, reg), v in results.items()}, indent=1) + "\n")
+    os.replace(tmp, docs / "geffect_delta.json")
     figure(results, docs / "geffect_delta.png")
     lines = ["| method | reg | risk | sign agreement: -lr e / update / 2nd order | Spearman: -lr e / update / 2nd order "
              "| \\|actual\\| / \\|-lr e\\| | error of update / 2nd order | wrong sign: -lr e / update |",

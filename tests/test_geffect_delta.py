@@ -118,15 +118,19 @@ def test_second_order_term_is_the_hessian_at_theta_t(tiny_tokenizer, tmp_path):
         assert gap[-1] < 0.05, gaps
 
 
-def test_a_method_run_logs_delta_every_measured_step(tmp_path, tiny_path):
+@pytest.mark.parametrize("extra", [[], ["--geffect-every", "2"], ["--geffect-dr", "step"]])
+def test_a_method_run_logs_delta_every_measured_step(tmp_path, tiny_path, extra):
+    """Order 1 takes R(D_r) after a step from the next step's G-effect when every step is measured with
+    the held-out D_r, else from a forward of its own; either way what order 2 measures directly."""
     import wga
     rows = {}
-    for order in (2, 1):  # order 1 at every step takes R(D_r) after a step from the next step's G-effect
+    for order in (2, 1):
         out = tmp_path / f"order{order}"
         wga.main(["--split", "forget01", "--max-steps", "3", "--no-eval", "--geffect-every", "1",
-                  "--geffect-order", str(order), "--out", str(out)])
+                  "--geffect-order", str(order), "--out", str(out), *extra])
         rows[order] = [json.loads(x) for x in open(out / "geffect.jsonl")]
-    assert [r["step"] for r in rows[2]] == [r["step"] for r in rows[1]] == [1, 2, 3]
+    steps = [1, 3] if extra[:1] == ["--geffect-every"] else [1, 2, 3]
+    assert [r["step"] for r in rows[2]] == [r["step"] for r in rows[1]] == steps
     for r in rows[2]:
         for d in ("unlearn", "retain"):
             assert set(r["delta"][d]) >= {"actual", "gradient", "update", "second_order", "risk", "groups"}
@@ -135,6 +139,8 @@ def test_a_method_run_logs_delta_every_measured_step(tmp_path, tiny_path):
             assert "second_order" not in r1["delta"][d]
             for k in ("actual", "update", "risk"):
                 assert r1["delta"][d][k] == pytest.approx(r2["delta"][d][k], rel=1e-5, abs=1e-9), (d, k)
+    if extra:
+        return
     # forget01's 10 rows are every step's whole batch, and D_r is the same held-out rows: what one step
     # measured after itself is what the next measures before itself
     for a, b in zip(rows[2], rows[2][1:]):

@@ -127,11 +127,16 @@ def test_page_escapes_and_shows_each_weight(tmp_path):
     (["{run}", "--rows", 1], "(it has rows 0, 3)"),
     (["{run}", "--rows", 0, "--epochs", 1, 6], "epoch 6 is not in"),
     (["{run}", "-o", "{tmp}/page.png"], "-o must name an .html file"),
+    (["{broken}"], "a row needs epoch, question, row, step, tokens, weights, with one weight per token"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, says):
     fake_run(tmp_path / "run")
     (tmp_path / "empty").mkdir()
-    args = [str(a).format(run=tmp_path / "run", empty=tmp_path / "empty", tmp=tmp_path) for a in args]
+    (tmp_path / "broken").mkdir()  # a row whose weights are missing
+    (tmp_path / "broken" / "token_weights.jsonl").write_text(json.dumps(dict(step=1, epoch=1, row=0, question="q",
+                                                                             tokens=["a"])) + "\n")
+    args = [str(a).format(run=tmp_path / "run", empty=tmp_path / "empty", broken=tmp_path / "broken", tmp=tmp_path)
+            for a in args]
     if "-o" not in args:
         args += ["-o", str(tmp_path / "page.html")]
     before = sorted(p.name for p in tmp_path.rglob("*"))
