@@ -302,8 +302,9 @@ class Probe:
         return out
 
     def _risk(self, batches, n_tok):
-        """R of `batches` (answer-token NLL over n_tok), this process's share, without a graph."""
-        with torch.no_grad():
+        """R of `batches` (answer-token NLL over n_tok), this process's share, without a graph; in the
+        step's mode, the random state put back after (_same_rng)."""
+        with torch.no_grad(), self._same_rng(self.params[0][1].device):
             return sum(float(-(lp * m).sum() / n_tok) for lp, m in
                        (common.answer_logprobs(self.model, b) for b in batches))
 
@@ -317,7 +318,8 @@ class Probe:
 
     def _delta(self, lr):
         """The row's "delta" for D_u and D_r, with theta_t+1 in place and d = theta_t+1 - theta_t:
-        - actual: R(theta_t+1) - R(theta_t), one more forward of each set;
+        - actual: R(theta_t+1) - R(theta_t), one more forward of each set (of D_u only with reuse_dr:
+          the row then waits for the next step's R(D_r), _complete);
         - gradient: -lr * e, the paper's first-order prediction of a plain gradient step;
         - update: grad R(theta_t) . d, the first-order prediction of the real step (clipping, AdamW,
           weight decay, schedule), as grad R . theta_t+1 - grad R . theta_t;
@@ -335,9 +337,8 @@ class Probe:
         keys = ("unlearn", "retain")
         after, curv = {}, {}
         if self.order == 1:
-            with self._same_rng(dev):
-                after = {d: self._risk(b, n) if not (d == "retain" and self.reuse_dr) else 0.0
-                         for d, (b, n) in sets.items()}
+            after = {d: self._risk(b, n) if not (d == "retain" and self.reuse_dr) else 0.0
+                     for d, (b, n) in sets.items()}
         else:
             self.step_vec = pend["before"]
             for s, p in zip(self.step_vec, params):
@@ -414,9 +415,7 @@ class Probe:
         """Write the last rows: one waiting for R(D_r) after its step (one forward), and a measured row whose
         step was never taken (a loop that ended without probe.step); close."""
         if self.waiting is not None:
-            dev = self.params[0][1].device
-            with self._same_rng(dev):
-                r = torch.tensor([self._risk(self.d_r, self.d_r_tok)], dtype=torch.float64, device=dev)
+            r = torch.tensor([self._risk(self.d_r, self.d_r_tok)], dtype=torch.float64, device=self.params[0][1].device)
             if common.world()[1] > 1:
                 import torch.distributed as dist
                 dist.all_reduce(r)
@@ -893,20 +892,18 @@ def weight_group(w: float) -> int:
 
 
 def kde_grid(x, y, gx, gy):
-    """Gaussian kernel density of the points (x, y) on the grid gx x gy (Scott's bandwidth, full
-    covariance, as scipy's gaussian_kde); None when the points span no area (fewer than 5, or
-    on a line)."""
+    """Gaussian kernel density of the points (x, y) on the grid gx x gy (scipy's gaussian_kde: Scott's
+    bandwidth, full covariance); None when the points span no area (fewer than 5, or on a line)."""
     import numpy as np
-    pts = np.stack([x, y])
-    if pts.shape[1] < 5:
+    from scipy.stats import gaussian_kde
+    if len(x) < 5:
         return None
-    cov = np.cov(pts) * pts.shape[1] ** (-2 / 6)  # Scott: n^(-1/(d+4)), d = 2, squared
-    if np.linalg.det(cov) <= 1e-12 * np.prod(np.diag(cov)) or not np.all(np.diag(cov) > 0):
+    try:
+        kde = gaussian_kde(np.stack([x, y]))
+    except np.linalg.LinAlgError:  # a singular covariance: the points lie on a line
         return None
-    inv = np.linalg.inv(cov)
-    d = np.stack(np.meshgrid(gx, gy), -1)[..., None, :] - pts.T  # ny x nx x n x 2
-    q = np.einsum("...i,ij,...j->...", d, inv, d)
-    return np.exp(-q / 2).sum(-1) / (pts.shape[1] * 2 * np.pi * np.sqrt(np.linalg.det(cov)))
+    grid_x, grid_y = np.meshgrid(gx, gy)
+    return kde(np.stack([grid_x.ravel(), grid_y.ravel()])).reshape(grid_x.shape)
 
 
 def mass_levels(density, masses=(0.9, 0.5)) -> list:
