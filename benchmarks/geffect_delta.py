@@ -56,9 +56,7 @@ def summarise(rows):
 
 
 def figure(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = geffect._pyplot()  # the Agg backend, as geffect.py's figures
     regs = sorted({reg for _, reg in results})
     fig, axes = plt.subplots(len(regs), len(METHODS), figsize=(3.0 * len(METHODS), 3.0 * len(regs)), squeeze=False)
     for i, reg in enumerate(regs):
