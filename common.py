@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -114,9 +115,11 @@ def add_shared_flags(parser, split="forget05"):
     a("--optim", choices=("adamw", "sgd"), default="adamw", help="optimizer")
     a("--max-steps", type=int, default=0, help="stop after this many steps (0 = no cap), for smoke tests")
     a("--seed", type=int, default=0, help="random seed")
-    a("--out", default=None, help="run folder (default: out/<script>-<model>-<split>)")
+    a("--out", default=None, help="run folder: new, empty, or a run of this project's (default: "
+                                  "out/<script>-<model>-<split>)")
     a("--log-every", type=int, default=1, help="print and log every N steps")
-    a("--overwrite", action="store_true", help="replace a model already in --out (refused otherwise)")
+    a("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise; a folder "
+                                                 "this project did not write is never touched)")
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
     a("--lora-r", type=int, default=0, help="LoRA rank: train peft adapters only, merged into the saved model "
                                             "(0 = off: every weight trains)")
@@ -602,6 +605,13 @@ def rank0_first(load):
     return result
 
 
+def barrier():
+    """Wait for every process under torchrun (a no-op in one process)."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def release():
     """Give memory back now: a model dropped under FSDP2 sits in reference cycles until a collection."""
     import gc
@@ -705,9 +715,11 @@ def tiny_path(config: str, data: str = "builtin") -> str:
     """tiny_dir(data)/<config>: the tiny model fine-tuned on `config` of `data` (full: the target
     model; retainXX: the retain-only model of Forget Quality), made by finetune.py's code on first
     use, then cached. The build says what it makes, why and about how long, then shows a progress bar."""
+    import finetune
     path = str(tiny_dir(data) / config)
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        import finetune
+    if os.path.isdir(path) and os.listdir(path):  # the preset's own build, or one line that says how to rebuild it
+        finetune.check_preset_model(path, data, config)
+    else:
         load_tofu(config, data)  # bad data fails here, in one line, before a build is announced
         t0 = time.time()
         what = ("the tiny target model (the model before unlearning that --model tiny loads)" if config == "full" else
@@ -718,6 +730,12 @@ def tiny_path(config: str, data: str = "builtin") -> str:
         finetune.main(["--model", "tiny", "--data", data, "--split", config, "--out", path, "--log-every", "100"])
         print(f"[tiny] built {path} in {time.time() - t0:.0f} s", flush=True)
     return path
+
+
+def inside(path, folder) -> bool:
+    """True when `path` is `folder` or lies under it (symbolic links resolved)."""
+    path, folder = Path(os.path.realpath(os.path.expanduser(path))), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
 
 
 def warn_data(path: str, data: str):
@@ -936,21 +954,99 @@ def set_seed(seed: int):
 
 # ----------------------------------------------------------------------------- runs, logs, saving
 
+# Every folder this project writes for a run carries MARKER: which script wrote it and which of its
+# entries are the run's own. That mark, not the mere presence of a config.json, is what lets a run
+# replace a folder: anything else at --out is a user's, and is never deleted.
+PROJECT = "rethinking-llm-unlearning"
+MARKER = "run.json"
+
+
+def read_marker(folder) -> dict:
+    """The mark this project left in `folder` (MARKER), or None: no mark, or not this project's."""
+    try:
+        mark = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) and mark.get("written_by") == PROJECT else None
+
+
+def write_marker(folder, mark: dict):
+    """Write `folder`'s mark atomically."""
+    tmp = Path(folder) / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(dict(mark, written_by=PROJECT), indent=2) + "\n")
+    os.replace(tmp, Path(folder) / MARKER)
+
+
+def register(path):
+    """Count a file written later into a run folder (eval.json, uwc.json, a sweep's row.json) as the
+    run's own, so that replacing the run replaces it too. A folder without the mark is left as it is."""
+    folder, name = Path(path).parent, Path(path).name
+    mark = read_marker(folder)
+    if mark is not None and name not in mark.get("files", []):
+        write_marker(folder, dict(mark, files=sorted(mark.get("files", []) + [name])))
+
+
+def own_file(path) -> bool:
+    """True for a file this project wrote: listed in its folder's mark, or a JSON object marked as ours."""
+    mark = read_marker(Path(path).parent)
+    if mark is not None and Path(path).name in mark.get("files", []):
+        return True
+    try:
+        return json.loads(Path(path).read_text()).get("written_by") == PROJECT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out, overwrite: bool = False, what: str = "--out"):
+    """Raise UsageError unless a run may write folder `out`, having touched nothing: a new or empty
+    folder, or (with --overwrite) a run folder this project wrote. Its twin <out>.tmp, where the run is
+    written before it moves into place, must be absent or a run of ours that was stopped half-way."""
+    out = Path(os.path.abspath(os.path.expanduser(out)))
+    here = Path.cwd().resolve()
+    if out.is_symlink():
+        raise UsageError(f"{what} {out} is a symbolic link: give the folder it points to")
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise UsageError(f"{what} {out} is the current folder or holds it: give a folder of the run's own")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{what} {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        mark = read_marker(out)
+        if mark is None:
+            names = sorted(p.name for p in out.iterdir())
+            raise UsageError(f"{what} {out} holds files this project did not write ({', '.join(names[:3])}"
+                             f"{', ...' if len(names) > 3 else ''}): nothing was touched; give a new or empty folder")
+        if not overwrite:
+            raise UsageError(f"{out} holds a {mark.get('script', 'run')} run already: pass --overwrite to replace "
+                             f"it, or choose another {what}")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists() and not (tmp.is_dir() and (read_marker(tmp) is not None or not any(tmp.iterdir()))):
+        raise UsageError(f"{tmp}, where the run is written before it moves to {out}, exists and is not a run "
+                         f"of this project's: move it away")
+
+
 class Run:
     """A run folder written atomically: everything goes to `<out>.tmp` and is renamed to `<out>`
     once the model is saved, so an interrupted run never leaves a half-written model at `<out>`.
-    Under torchrun only rank 0 writes; the others keep no files."""
+    `<out>` must be new, empty, or (with --overwrite) a run folder of this project's (check_out);
+    replacing one removes that run's own files only, and a user's files in it move to the new run.
+    `mark`: more fields for the folder's mark (finetune.py's recipe). Under torchrun only rank 0
+    writes; the others keep no files."""
 
-    def __init__(self, out: str, args):
+    def __init__(self, out: str, args, mark: dict = None):
         self.out = Path(out)
-        if (self.out / "config.json").exists() and not getattr(args, "overwrite", False):
-            die(f"{self.out} already holds a model: pass --overwrite to replace it, or choose another --out")
+        try:
+            check_out(self.out, getattr(args, "overwrite", False))
+        except UsageError as e:
+            die(str(e))
+        barrier()  # every process has checked --out before rank 0 writes next to it
         self.tmp = self.out.with_name(self.out.name + ".tmp")
         self._log = None
+        self.mark = dict(mark or {}, script=Path(sys.argv[0]).name, complete=False)
         if not is_main():
             return
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # a stopped run's (check_out)
         self.tmp.mkdir(parents=True)
+        write_marker(self.tmp, self.mark)
         argv = [Path(sys.argv[0]).name] + sys.argv[1:]
         meta = dict(vars(args), command=" ".join(argv), torch=torch.__version__,
                     transformers=__import__("transformers").__version__)
@@ -989,9 +1085,7 @@ class Run:
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if is_main():
             self._write(model, tokenizer, extra, state)
-        if world()[1] > 1:
-            import torch.distributed as dist
-            dist.barrier()  # the folder is in place before any rank goes on (and may read it)
+        barrier()  # the folder is in place before any rank goes on (and may read it)
         return self.out
 
     def _write(self, model, tokenizer, extra, state):
@@ -1007,16 +1101,33 @@ class Run:
             tokenizer.save_pretrained(self.tmp)
         for name, obj in (extra or {}).items():
             (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
-        old = self.out.with_name(self.out.name + ".old")
+        write_marker(self.tmp, dict(self.mark, complete=True, files=sorted({p.name for p in self.tmp.iterdir()})))
+        old, clash = None, []
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:  # the two renames are not interrupted: <out> is always a whole model (or the old one)
-            if self.out.exists():
-                shutil.rmtree(old, ignore_errors=True)
+        try:  # renames only, not interrupted: <out> is always a whole run (or the old one)
+            if self.out.exists():  # empty, or a run of ours (check_out): what is not its own moves to the new run
+                mark = read_marker(self.out)
+                own = set(mark.get("files", [])) | {MARKER} if mark else set()
+                for p in self.out.iterdir():
+                    if p.name in own:
+                        continue
+                    if (self.tmp / p.name).exists():
+                        clash.append(p.name)
+                    else:
+                        os.replace(p, self.tmp / p.name)
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
                 os.replace(self.out, old)
             os.replace(self.tmp, self.out)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        shutil.rmtree(old, ignore_errors=True)
+        if clash:  # a user's file named like one of the new run's: kept, with the old run, beside it
+            kept = self.out.with_name(f"{self.out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(old, kept)
+            print(f"{Path(sys.argv[0]).name}: warning: {', '.join(sorted(clash))} in {self.out} were not the "
+                  f"run's own and the new run writes the same names: the old folder is kept as {kept}",
+                  file=sys.stderr, flush=True)
+        elif old is not None:
+            shutil.rmtree(old)  # the replaced run's own files only
 
 
 def _interrupt(*_):

@@ -321,13 +321,14 @@ def read_retain_stats(path, split):
 
 
 def write_json(path, obj):
-    """Write atomically: a temporary file renamed into place."""
+    """Write atomically: a temporary file renamed into place; in a run folder, the file becomes the run's own."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
+    common.register(path)
 
 
 def main(argv=None):
@@ -371,6 +372,10 @@ def main(argv=None):
             path = common.model_path("tiny", common.data_source(args.data or "builtin"))
         else:
             path = common.model_path(args.model)
+        out = args.out or (os.path.join(path, "eval.json") if os.path.isdir(path)
+                           else str(common.OUT / f"eval-{path.replace('/', '_')}" / "eval.json"))
+        if os.path.exists(out) and not common.own_file(out):  # a file of the user's is never replaced
+            raise common.UsageError(f"{out} exists and was not written by this project: give another --out")
         preset, data, template = model_defaults(args.model, path)
         args.data, args.template = common.data_source(args.data or data), args.template or template
         if not 0 <= args.template.find("{q}") < args.template.find("{a}"):
@@ -396,8 +401,6 @@ def main(argv=None):
             retain_model = common.load_model(retain_path, args.trust_remote_code, frozen=True)
     except common.UsageError as e:
         common.die(str(e))
-    out = args.out or (os.path.join(path, "eval.json") if os.path.isdir(path)
-                       else str(common.OUT / f"eval-{path.replace('/', '_')}" / "eval.json"))
     n = {k: len(v[0]) for k, v in sets.items()}
     print(f"eval {path} on {args.split} ({args.data}) | rows: " + ", ".join(f"{v} {k}" for k, v in n.items())
           + f" | {next(model.parameters()).device}" + (" | ES with EOS (--es-eos)" if args.es_eos else ""), flush=True)
@@ -421,7 +424,7 @@ def main(argv=None):
     summary = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
                    es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
                    model_utility=res["model_utility"], log10_forget_quality=log_fq)
-    res = dict(model=path, split=args.split, data=args.data, template=args.template, rows=n,
+    res = dict(written_by=common.PROJECT, model=path, split=args.split, data=args.data, template=args.template, rows=n,
                seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq, log10_forget_quality=log_fq,
                fq_reference=reference, fq_skipped=args.no_fq, fq_retain_model=retain_path,
                fq_warning=retain_warning, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],

@@ -40,6 +40,48 @@ TOKENIZER_CONFIGS = ("full", "forget01_perturbed", "forget05_perturbed", "forget
                      "real_authors", "world_facts", "real_authors_perturbed", "world_facts_perturbed")
 
 
+# What makes a tiny build, beside its sizes: a folder of the tiny preset (common.tiny_dir) holds the
+# build whose recipe is the preset's, recorded in its mark (common.MARKER) and compared on every load.
+RECIPE_FLAGS = ("data", "split", "template", "lr", "epochs", "batch_size", "grad_accum", "warmup_epochs",
+                "max_grad_norm", "optim", "max_steps", "seed")
+RECIPE_VERSION = 1  # raise it when the build's code changes what a recipe makes
+
+
+def recipe(args) -> dict:
+    """The tiny build's recipe: the flags that shape the model, its sizes, and RECIPE_VERSION."""
+    return dict({k: getattr(args, k) for k in RECIPE_FLAGS}, size=tiny_size(args.data), version=RECIPE_VERSION)
+
+
+def preset_recipe(data, split) -> dict:
+    """The recipe of the tiny preset's own build of `split` of `data`: finetune.py's defaults."""
+    return recipe(parse(["--data", data, "--split", split]))
+
+
+def differs(built: dict, want: dict) -> str:
+    """What sets a recorded recipe apart from the preset's, as flags (or 'an older recipe')."""
+    if built.get("version") != want["version"] or set(built) != set(want):
+        return "an older recipe"
+    diff = [k for k in want if built[k] != want[k]]
+    return ", ".join(f"--{k.replace('_', '-')} {built[k]}" if k in RECIPE_FLAGS else f"{k} {built[k]}" for k in diff)
+
+
+def check_preset_model(path, data, config):
+    """Raise UsageError unless `path` holds the tiny preset's own, finished build of `config` of `data`:
+    a shortened build (--max-steps), one made with other flags or by an older recipe, or a folder this
+    project did not write is never taken as the model before unlearning."""
+    mark = common.read_marker(path)
+    built = (mark or {}).get("recipe")
+    why = ("it carries no mark of this project's" if mark is None else "its build did not finish" if not mark.get("complete")
+           else "it has no recorded recipe" if not isinstance(built, dict) else "")
+    if not why:
+        diff = differs(built, preset_recipe(data, config))
+        why = diff and f"it was built with {diff}"
+    if why:
+        cmd = "python finetune.py --split " + config + ("" if data == "builtin" else f" --data {data}")
+        fix = f"move it away, then rebuild it: {cmd}" if mark is None else f"rebuild it: {cmd} --overwrite"
+        raise common.UsageError(f"{path} is not the tiny preset's model of {config} ({why}); {fix}")
+
+
 def tokenizer_rows(data):
     """The rows the tiny tokenizer is trained on: the whole built-in set, or TOKENIZER_CONFIGS of
     another source (those a folder has), the same for every model of that source."""
@@ -80,16 +122,37 @@ def tiny_model(tokenizer, seed, size=TINY_SIZES["builtin"]):
     return LlamaForCausalLM(config)
 
 
-def main(argv=None):
+def parse(argv=None):
+    """finetune.py's flags, resolved (common.resolve_flags); raises UsageError."""
     parser = common.make_parser(__doc__)
     common.add_shared_flags(parser, split="full")
-    args = parser.parse_args(argv)
+    return common.resolve_flags(parser.parse_args(argv), finetune=True)
+
+
+def main(argv=None):
     try:
         common.init_distributed()  # under torchrun (a no-op otherwise)
-        common.resolve_flags(args, finetune=True)
+        args = parse(argv)
         if args.model == "tiny" and args.lora_r:
             raise common.UsageError("--lora-r adapts a pre-trained model: the tiny preset starts from random "
                                     "weights (and its folder is every tiny run's target model)")
+        # only the tiny preset's own build goes where the other scripts look for the preset's model
+        mark, custom = None, ""
+        preset_dir = common.tiny_dir(args.data) / args.split
+        if args.model == "tiny":
+            mark = dict(recipe=recipe(args))
+            custom = differs(mark["recipe"], preset_recipe(args.data, args.split))
+        if args.out is None and args.model == "tiny":
+            src = "" if args.data == "builtin" else f"-{common.source_slug(args.data)}"
+            args.out = str(common.OUT / f"finetune-tiny{src}-{args.split}" if custom else preset_dir)
+        elif args.out is None:
+            args.out = str(common.OUT / f"finetune-{args.model.replace('/', '_')}" / args.split)
+        elif common.inside(args.out, common.tiny_dir("builtin")) and (
+                args.model != "tiny" or custom or os.path.realpath(args.out) != os.path.realpath(preset_dir)):
+            why = (f"this build sets {custom}" if custom else f"this build's folder is {preset_dir}"
+                   if args.model == "tiny" else f"this build starts from {args.model}")
+            raise common.UsageError(f"--out {args.out} is where the tiny preset keeps its models, which only "
+                                    f"its own builds write ({why}): choose another --out")
         rows = common.load_tofu(args.split, args.data)
         if args.model == "tiny":  # general knowledge, learnt alongside (see the docstring)
             rows += common.load_tofu("real_authors", args.data) + common.load_tofu("world_facts", args.data)
@@ -108,14 +171,11 @@ def main(argv=None):
         per_epoch, total, warmup = common.steps_for(len(examples), args)
     except common.UsageError as e:
         common.die(str(e))
-    if args.out is None:  # the tiny preset's models live where the other scripts look for them, one folder per data
-        args.out = str(common.tiny_dir(args.data) / args.split if args.model == "tiny" else
-                       common.OUT / f"finetune-{args.model.replace('/', '_')}" / args.split)
     if args.model == "tiny":
         model = common.place(model)
     device = common.device_and_dtype()[0]
     optimizer = common.make_optimizer(model.parameters(), args.optim, args.lr)
-    run = common.Run(args.out, args)
+    run = common.Run(args.out, args, mark)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     estimate = ""
@@ -127,6 +187,8 @@ def main(argv=None):
     print(f"finetune {args.model} on {args.split} ({len(examples)} rows, {args.data}) | {n_params / 1e6:.2f}M params"
           f"{f' ({n_train / 1e6:.3f}M trainable, LoRA r={args.lora_r})' if args.lora_r else ''} | "
           f"{total} steps | lr {args.lr:g} | {device}{estimate}", flush=True)
+    if custom and common.is_main():
+        print(f"not the tiny preset's build ({custom}): it goes to {args.out}, never to the preset's model", flush=True)
 
     # training loop, under a progress bar with elapsed time and ETA; the step lines are printed above it
     from tqdm import tqdm

@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from contextlib import redirect_stdout
+from contextlib import redirect_stdout, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -264,7 +264,9 @@ class Sweep:
             else:  # resumed: the pick's weights were not kept, so its run is made again (same seed, same weights)
                 scratch = self.runs.parent / "scratch" / name_of(method, split, params)  # beside its row, not over it
                 theta_u = self.unlearn(method, split, params, scratch, False)
-                shutil.rmtree(scratch.parent, ignore_errors=True)
+                shutil.rmtree(scratch)  # the logs of a run of ours, made just now
+                with suppress(OSError):
+                    scratch.parent.rmdir()
             uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
         res = eval_tofu.evaluate(self.model, self.tokenizer, s["sets"], self.template, self.args.batch_size,
                                  progress=False, with_eos=self.args.es_eos)
@@ -503,7 +505,7 @@ def main(argv=None):
     a("--es-eos", action="store_true", help="ES counts the EOS token (the stricter reading; see eval_tofu.py)")
     a("--no-table1", action="store_true", help="tuning tables only: skip Table 1's full evaluations")
     a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
-    a("--out", default=None, help="output folder (default: out/sweep/<preset>)")
+    a("--out", default=None, help="output folder: new, empty, or a sweep's to resume (default: out/sweep/<preset>)")
     args = parser.parse_args(argv)
     try:
         common.single_process("sweep.py")
@@ -546,8 +548,14 @@ def main(argv=None):
     own = sweep.data == common.data_source(preset["data"])
     name = (sweep.preset or Path(sweep.path).name) + ("" if own else f"-{common.source_slug(sweep.data)}")
     root = Path(args.out or common.OUT / "sweep" / name)
+    if (common.read_marker(root) or {}).get("script") != "sweep.py":  # a sweep's own folder is resumed, else a new one
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            common.die(f"--out {root} exists and is not a sweep's folder: nothing was touched; give a new or empty "
+                       f"folder, or a sweep's folder to resume it")
+        root.mkdir(parents=True, exist_ok=True)
+        common.write_marker(root, dict(script="sweep.py"))
     sweep.runs = root / "runs"
-    sweep.runs.mkdir(parents=True, exist_ok=True)
+    sweep.runs.mkdir(exist_ok=True)
     want = settings(sweep)
     print(f"sweep {sweep.path} | data {sweep.data} | KL | UWC tol {sweep.tol:g} | RMU hidden states "
           + ", ".join(f"{k} {v}" for k, v in sweep.layers.items()) + f" of 0..{sweep.n_layers} | -> {root}", flush=True)

@@ -132,6 +132,8 @@ def search(retain_es, target: float, resolution: float = 0.01):
 def run_uwc(args):
     """Search lam*, save the mixed model, evaluate it; returns uwc.json's content."""
     t0 = time.time()
+    out = args.out or f"{args.model.rstrip('/')}-uwc"
+    common.check_out(out, args.overwrite)  # before the search: a new folder, or a run of ours with --overwrite
     try:
         with open(os.path.join(args.model, "args.json")) as f:
             run_args = json.load(f)
@@ -163,9 +165,6 @@ def run_uwc(args):
         base = safetensors_files(original_path)
         model = common.load_model(args.model, frozen=True)
         set_lam = lambda lam: mix_(model, base, unlearned, lam)
-    out = args.out or f"{args.model.rstrip('/')}-uwc"
-    if (Path(out) / "config.json").exists() and not args.overwrite:
-        raise common.UsageError(f"{out} already holds a model: pass --overwrite to replace it")
 
     def retain_es(lam):
         set_lam(lam)
@@ -205,13 +204,15 @@ def main(argv=None):
     a("--original", default=None, help="the model before unlearning (default: the run's --model in args.json)")
     a("--split", default="forget05", help="forget01, forget05 or forget10")
     a("--tol", type=float, default=None, help="allowed drop of retain ES-exact (default: the preset's)")
-    a("--out", default=None, help="folder of the mixed model (default: MODEL-uwc)")
+    a("--out", default=None, help="folder of the mixed model: new, empty, or a run of this project's "
+                                  "(default: MODEL-uwc)")
     a("--retain-stats", default=None, help="the retain-only model's eval.json, for Forget Quality")
     a("--no-fq", action="store_true", help="skip Forget Quality in the final evaluation (and the tiny preset's "
                                            "retain-only fine-tune): reported n/a (skipped)")
     a("--max-samples", type=int, default=None, help="final evaluation on the first N rows of each set only")
     a("--batch-size", type=int, default=64, help="rows per forward pass")
-    a("--overwrite", action="store_true", help="replace a model already in --out")
+    a("--overwrite", action="store_true", help="replace the run already in --out (a folder this project did not "
+                                               "write is never touched)")
     a("--es-eos", action="store_true", help="ES counts the EOS token, in the search and the evaluation: the stricter "
                                             "'must also stop' reading (default: EOS left out, as the authors' ES)")
     args = parser.parse_args(argv)

@@ -49,7 +49,7 @@ CASES = {  # name: (script, flags or a function making them, what the line must 
     "negative lr": ("tnpo.py", ["--lr", "-0.001"], "--lr must be positive, got -0.001"),
     "batch larger than the data": ("wtnpo.py", ["--batch-size", "51"], "--batch-size 51 is larger than the 50"),
     "finetune batch larger than the data": ("finetune.py", ["--batch-size", "5000"], "larger than the 1090"),
-    "existing model at --out": ("po.py", existing_model, "already holds a model: pass --overwrite"),
+    "existing folder at --out": ("po.py", existing_model, "holds files this project did not write (config.json)"),
     "unreachable hub id": ("rmu.py", ["--model", "no-such-owner/no-such-model", "--data", "builtin", "--layer", "3"],
                            "use --model tiny or a local model folder"),
     "model folder without weights": ("ga.py", model_without_weights, "no file named model.safetensors"),

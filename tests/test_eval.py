@@ -412,6 +412,8 @@ def test_tiny_retain_model_is_built_on_first_use(tmp_path, monkeypatch):
 
     monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
     monkeypatch.setattr(finetune, "main", short)
+    preset = finetune.preset_recipe  # the preset's own build is the short one here
+    monkeypatch.setattr(finetune, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=2))
     path = eval_tofu.tiny_retain_model("forget10")
     assert path == str(tmp_path / "tiny" / "retain90") and os.path.isfile(os.path.join(path, "model.safetensors"))
     assert json.load(open(os.path.join(path, "args.json")))["split"] == "retain90"

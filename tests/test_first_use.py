@@ -40,6 +40,8 @@ def short_builds(tmp_path, monkeypatch):
 
     monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
     monkeypatch.setattr(finetune, "main", short)
+    preset = finetune.preset_recipe  # the preset's own build is the short one here
+    monkeypatch.setattr(finetune, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=2))
     return calls
 
 
@@ -72,6 +74,8 @@ def test_runs_on_other_data_get_their_own_default_folder(tmp_path):
 def test_finetune_with_data_writes_that_sources_folder(tmp_path, monkeypatch):
     """`finetune.py --data DIR` no longer defaults to out/tiny/full (the built-in set's model)."""
     monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
+    preset = finetune.preset_recipe  # the preset's own build is a 1-step one here
+    monkeypatch.setattr(finetune, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=1))
     data = data_folder(tmp_path / "mydata")
     out = finetune.main(["--data", data, "--max-steps", "1"])
     assert Path(out) == common.tiny_dir(data) / "full" != tmp_path / "tiny" / "full"

@@ -256,7 +256,7 @@ def test_existing_model_is_kept_unless_overwrite(tiny_path, tmp_path):
     assert run_main("ga.py", "--max-steps", "1", "--no-eval", "--out", str(out)).returncode == 0
     before = (out / "model.safetensors").read_bytes()
     r = run_main("ga.py", "--max-steps", "1", "--lr", "0.01", "--no-eval", "--out", str(out))
-    assert r.returncode == 2 and "already holds a model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "holds a ga.py run already" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert (out / "model.safetensors").read_bytes() == before and not (tmp_path / "run.tmp").exists()
     r = run_main("ga.py", "--max-steps", "1", "--lr", "0.01", "--no-eval", "--out", str(out), "--overwrite")
     assert r.returncode == 0 and (out / "model.safetensors").read_bytes() != before
