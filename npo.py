@@ -44,11 +44,12 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
         if args.beta <= 0:
             raise common.UsageError(f"--beta must be positive, got {args.beta}")
         geffect.check_flags(args)
+        args.out = common.default_out(__file__, args)
+        common.check_out(args.out, args.overwrite)  # before loading: a new folder, or a run of ours
         data, tokenizer, model, ref_model = common.load_for_unlearning(
             args, reference=True, loaded=loaded)
     except common.UsageError as e:
         common.die(str(e))
-    args.out = common.default_out(__file__, args)
     common.set_seed(args.seed)
     device = model.device
     forget = common.encode_rows(tokenizer, args.template, data["forget"])

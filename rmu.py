@@ -53,11 +53,12 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
         if args.lora_r and args.layer == 0 and args.lora_targets == "all-linear":
             raise common.UsageError("--layer 0 is the embeddings, which the LoRA adapters leave as they are")
         geffect.check_flags(args)
+        args.out = common.default_out(__file__, args)
+        common.check_out(args.out, args.overwrite)  # before loading: a new folder, or a run of ours
         data, tokenizer, model, ref_model = common.load_for_unlearning(
             args, reference=args.reg in ("kl", "rr"), loaded=loaded)
     except common.UsageError as e:
         common.die(str(e))
-    args.out = common.default_out(__file__, args)
     common.set_seed(args.seed)
     device = model.device
     forget = common.encode_rows(tokenizer, args.template, data["forget"])

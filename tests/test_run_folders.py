@@ -3,6 +3,7 @@ common.MARKER); replacing one takes --overwrite and removes that run's own files
 folders hold its own build only: a shortened build or an unmarked folder is refused, in one line."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,21 @@ import wga
 from conftest import run_main
 
 RUN = ["--split", "forget01", "--max-steps", "1", "--no-eval"]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_path, tmp_path_factory):
+    """One finished ga.py run folder, copied by the tests that need one (as a run would have left it)."""
+    d = tmp_path_factory.mktemp("finished") / "run"
+    r = run_main("ga.py", *RUN, "--out", str(d))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def copy_run(finished, to: Path) -> Path:
+    to.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(finished, to)
+    return to
 
 
 def listing(root: Path) -> dict:
@@ -37,11 +53,11 @@ def test_a_folder_with_a_users_file_is_refused_and_untouched(tiny_path, tmp_path
         assert listing(tmp_path) == before and not (tmp_path / "experiments.tmp").exists()
 
 
-def test_the_cache_parent_is_refused(tiny_path, tmp_path):
+def test_the_cache_parent_is_refused(finished, tmp_path):
     """The issue's case: `--out out` where out/ holds the tiny model's cache, an earlier run and a note."""
     out = tmp_path / "out"
     for run in ("tiny/full", "wga-tiny-forget05"):
-        assert run_main("ga.py", *RUN, "--out", str(out / run)).returncode == 0
+        copy_run(finished, out / run)
     (out / "mynotes").mkdir()
     (out / "mynotes" / "keep.txt").write_text("mine")
     before = listing(tmp_path)
@@ -73,9 +89,8 @@ def test_an_empty_folder_takes_the_run(tiny_path, tmp_path):
     assert set(mark["files"]) == set(os.listdir(d)) and {"model.safetensors", "args.json"} <= set(mark["files"])
 
 
-def test_a_finished_run_is_replaced_with_overwrite_only_and_keeps_the_users_files(tiny_path, tmp_path):
-    d = tmp_path / "run"
-    assert run_main("ga.py", *RUN, "--out", str(d)).returncode == 0
+def test_a_finished_run_is_replaced_with_overwrite_only_and_keeps_the_users_files(finished, tmp_path):
+    d = copy_run(finished, tmp_path / "run")
     (d / "notes.txt").write_text("mine")  # the user's, inside the run folder
     (d / "plots").mkdir()
     (d / "plots" / "a.png").write_bytes(b"png")
@@ -95,9 +110,11 @@ def test_a_finished_run_is_replaced_with_overwrite_only_and_keeps_the_users_file
     assert sorted(os.listdir(tmp_path)) == ["run"]  # no .tmp, no replaced folder left behind
 
 
-def test_a_users_file_named_like_the_runs_is_kept_aside(tiny_path, tmp_path):
-    d = tmp_path / "run"
-    assert run_main("ga.py", *RUN, "--no-save", "--out", str(d)).returncode == 0
+def test_a_users_file_named_like_the_runs_is_kept_aside(finished, tmp_path):
+    d = copy_run(finished, tmp_path / "run")
+    for f in ("config.json", "model.safetensors"):  # as a --no-save run leaves it
+        (d / f).unlink()
+    common.write_marker(d, dict(common.read_marker(d), files=sorted(os.listdir(d))))
     (d / "config.json").write_text('{"mine": 1}')  # the user's, and the next run writes a config.json too
     r = run_main("ga.py", *RUN, "--out", str(d), "--overwrite")
     assert r.returncode == 0 and "warning: config.json in" in r.stderr, r.stderr
@@ -106,9 +123,8 @@ def test_a_users_file_named_like_the_runs_is_kept_aside(tiny_path, tmp_path):
     assert json.load(open(d / "config.json"))["model_type"] == "llama"
 
 
-def test_a_run_stopped_half_way_leaves_the_old_run_and_is_redone(tiny_path, tmp_path):
-    d = tmp_path / "run"
-    assert run_main("ga.py", *RUN, "--out", str(d)).returncode == 0
+def test_a_run_stopped_half_way_leaves_the_old_run_and_is_redone(finished, tmp_path):
+    d = copy_run(finished, tmp_path / "run")
     before = listing(d)
 
     class Args:
@@ -135,9 +151,8 @@ def test_a_symbolic_link_is_refused(tiny_path, tmp_path):
     assert os.listdir(tmp_path / "real") == []
 
 
-def test_uwc_eval_and_sweep_refuse_a_users_folder(tiny_path, tmp_path):
-    run = tmp_path / "run"
-    assert run_main("ga.py", *RUN, "--out", str(run)).returncode == 0
+def test_uwc_eval_and_sweep_refuse_a_users_folder(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("mine")
@@ -149,9 +164,8 @@ def test_uwc_eval_and_sweep_refuse_a_users_folder(tiny_path, tmp_path):
     assert listing(tmp_path) == before
 
 
-def test_eval_json_is_the_runs_own_and_a_users_is_never_replaced(tiny_path, tmp_path):
-    run = tmp_path / "run"
-    assert run_main("ga.py", *RUN, "--out", str(run)).returncode == 0
+def test_eval_json_is_the_runs_own_and_a_users_is_never_replaced(finished, tmp_path):
+    run = copy_run(finished, tmp_path / "run")
     argv = ["--model", str(run), "--split", "forget01", "--no-fq", "--max-samples", "2", "--max-new-tokens", "2"]
     for _ in range(2):  # evaluated again: its own eval.json is replaced
         assert run_main("eval_tofu.py", *argv).returncode == 0
