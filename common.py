@@ -451,7 +451,8 @@ def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int 
 
 
 class NonFinite(Exception):
-    """A NaN or infinite loss or gradient: the run stops before the step is taken."""
+    """A NaN or infinite loss or gradient (the run stops before the step is taken), or a NaN or infinite
+    value in an evaluation's mean (never counted as a number). `cli` reports it in one line, exit status 1."""
 
 
 def clip_and_step(model, optimizer, max_grad_norm: float, step: int) -> float:
@@ -738,17 +739,42 @@ def inside(path, folder) -> bool:
     return path == folder or folder in path.parents
 
 
+def run_args(path: str) -> dict:
+    """The args.json beside a model (the flags of the script that made it), or {} where there is none
+    (a hub id, a folder of one's own). Raises UsageError, naming the file, when it cannot be read, is
+    not valid JSON or is not a JSON object, or records model, data, template or split as a non-string:
+    a broken one would otherwise drop the defaults and warnings that depend on it without a word."""
+    f = os.path.join(path, "args.json")
+    if not os.path.isfile(f):
+        return {}
+    try:
+        with open(f, encoding="utf-8") as fh:
+            a = json.load(fh)
+    except OSError as e:
+        raise UsageError(f"cannot read {f}: {e.strerror}")
+    except ValueError as e:
+        raise UsageError(f"{f} is not valid JSON: {e}")
+    if not isinstance(a, dict):
+        raise UsageError(f"{f} is not a JSON object (it should hold the flags of the run that made the model)")
+    bad = [k for k in ("model", "data", "template", "split") if a.get(k) is not None and not isinstance(a[k], str)]
+    if bad:
+        raise UsageError(f"{f}: '{bad[0]}' is not a string but {a[bad[0]]!r}")
+    return a
+
+
+def warn(msg: str):
+    """The one line `script.py: warning: msg` on stderr (rank 0 only)."""
+    if is_main():
+        print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def warn_data(path: str, data: str):
     """One warning line on stderr when the model folder's args.json records other training data than
-    `data`: its numbers on `data` would measure a model that never saw it."""
-    try:
-        with open(os.path.join(path, "args.json")) as f:
-            trained = json.load(f).get("data")
-    except (OSError, ValueError, AttributeError):
-        return
-    if trained and data_source(trained) != data_source(data) and is_main():
-        print(f"{Path(sys.argv[0]).name}: warning: {path} was trained on data {trained}, not on {data}: "
-              f"its numbers on {data} measure a model that never learnt that data", file=sys.stderr, flush=True)
+    `data`: its numbers on `data` would measure a model that never saw it. A broken args.json: UsageError."""
+    trained = run_args(path).get("data")
+    if trained and data_source(trained) != data_source(data):
+        warn(f"{path} was trained on data {trained}, not on {data}: its numbers on {data} measure a model that "
+             f"never learnt that data")
 
 
 def missing_folder(name: str) -> bool:
@@ -1135,8 +1161,9 @@ def _interrupt(*_):
 
 
 def cli(main):
-    """Run a script's main(): Ctrl-C or SIGTERM, and a non-finite loss, stop it with one line on
-    stderr; run folders are written atomically, so no half-written model is left behind."""
+    """Run a script's main(): Ctrl-C or SIGTERM, and a non-finite loss or metric, stop it with one line on
+    stderr; run folders are written atomically, so no half-written model is left behind. A non-finite
+    number exits with status 1, not bad input's 2: the flags were fine, the numbers they gave were not."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()

@@ -4,7 +4,7 @@ ES-perturb, Wang et al. 2025) on the forget split and on the 400 held-out retain
 Model Utility (MU) and Forget Quality (FQ) (Maini et al. 2024).
 
     python eval_tofu.py --model tiny --split forget05                  # the "before unlearning" row
-    python eval_tofu.py --model out/wga-tiny-forget05 --split forget05 # an unlearned model
+    python eval_tofu.py --model out/wga-tiny-forget05                  # an unlearned model, on the split it forgot
     python eval_tofu.py --model phi-1.5 --split forget05 --retain-stats RETAIN/eval.json   # GPU
 
 ES of an answer y_1..y_n after its prompt is 1 - k*/n, where k* is the fewest answer tokens to give
@@ -25,7 +25,12 @@ TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer a
                model fine-tuned on the retain split only (--retain-model, or its eval.json via
                --retain-stats); printed as log10. For the tiny preset the retain-only model is its
                model of the data, out/tiny/retainXX on the built-in set, fine-tuned on first use;
-               --no-fq skips FQ and that model.
+               --no-fq skips FQ and that model. A p-value of 0 (it underflowed) is written as
+               log10_forget_quality null with log10_forget_quality_bound "< -300", printed "< -300".
+A run folder's args.json gives the defaults of --split (the forget split it was unlearned on; else
+forget05), --data and --template; a flag given otherwise wins, with one warning line. A NaN or
+infinite value of any row stops the evaluation (exit status 1) with one line naming the metric, the
+set and the row: it is never averaged as a number, and eval.json never holds NaN or Infinity.
 Everything, per-row values included, goes to eval.json in the model folder (or --out).
 """
 import json
@@ -39,6 +44,8 @@ import torch
 import common
 
 SETS = ("retain", "real_authors", "world_facts", "forget")  # the order of TOFU's own aggregation
+METRIC_NAMES = dict(prob="Probability", rouge="ROUGE-L", es_exact="ES-exact", es_perturb="ES-perturb",
+                    truth_ratio="truth ratio")  # as error lines name them
 HEADER = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ |"
 
 
@@ -99,12 +106,25 @@ def es_exact(model, tokenizer, rows, template, batch_size=64, question="question
 def quick_es(model, tokenizer, split, template, batch_size=64, with_eos=False):
     """Mean ES-exact on the forget rows and on the held-out retain rows of `split` (a
     common.split_data dict): what the method scripts print before and after unlearning."""
-    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size, with_eos=with_eos)),
-                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size, with_eos=with_eos)))
+    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size, with_eos=with_eos),
+                            "ES-exact", "forget"),
+                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size, with_eos=with_eos),
+                            "ES-exact", "held-out retain"))
 
 
-def mean(xs):
-    return sum(xs) / len(xs)
+def finite(xs, metric=None, where=None):
+    """`xs` as they are, or NonFinite naming the first NaN or infinite row (0-based), its metric and set:
+    a NaN must stop the evaluation, not become a 0 (nan > 0 is False, max(0, nan) is 0) or a NaN mean."""
+    for i, x in enumerate(xs):
+        if not math.isfinite(x):
+            raise common.NonFinite(f"{metric or 'the value'} of row {i}" + (f" of the {where} set" if where else "")
+                                   + f" is {x}: a NaN or infinite value is never averaged into a score")
+    return xs
+
+
+def mean(xs, metric=None, where=None):
+    """The mean of per-row values; a NaN or infinite one raises NonFinite naming `metric`, `where` and the row."""
+    return sum(finite(xs, metric, where)) / len(xs)
 
 
 # ----------------------------------------------------------------------------- generation and ROUGE-L
@@ -157,22 +177,41 @@ def truth_ratio(base_logp, perturbed_logp):
     return [math.exp(min(sum(ps) / len(ps) - b, 700)) for b, ps in zip(base_logp, perturbed_logp)]
 
 
-def truth_ratio_stat(ratios, forget):
-    """TOFU's truth-ratio score: mean min(R, 1/R) on the forget set, mean max(0, 1 - R) in utility."""
+def truth_ratio_stat(ratios, forget, where=None):
+    """TOFU's truth-ratio score: mean min(R, 1/R) on the forget set, mean max(0, 1 - R) in utility.
+    R = 0 (a ratio that underflowed) scores 0 on the forget set; a NaN or infinite R raises NonFinite."""
+    finite(ratios, "truth ratio", where or ("forget" if forget else None))
     vals = [min(r, 1 / r) if r > 0 else 0.0 for r in ratios] if forget else [max(0.0, 1 - r) for r in ratios]
     return sum(vals) / len(vals)
 
 
-def model_utility(values):
-    """Harmonic mean (scipy.stats.hmean); 0 as soon as one value is 0."""
+def model_utility(values, names=None):
+    """Harmonic mean (scipy.stats.hmean); 0 as soon as one value is 0. A NaN or infinite value (`names`
+    name them) raises NonFinite: min() over a NaN depends on where it stands."""
+    for v, name in zip(values, names or [f"value {i}" for i in range(len(values))]):
+        if not math.isfinite(v):
+            raise common.NonFinite(f"Model Utility's {name} is {v}: a NaN or infinite value is never averaged "
+                                   f"into a score")
     return 0.0 if min(values) <= 0 else len(values) / sum(1 / v for v in values)
 
 
 def forget_quality(ratios, retain_ratios):
     """p-value of the two-sample KS test between the forget-set truth ratios of the model and of
-    the retain-only model. KS depends on ranks only, so R and TOFU's 1/R give the same p-value."""
+    the retain-only model. KS depends on ranks only, so R and TOFU's 1/R give the same p-value.
+    A NaN or infinite ratio on either side raises NonFinite (ks_2samp would rank it silently)."""
     from scipy.stats import ks_2samp
+    finite(ratios, "truth ratio", "forget")
+    finite(retain_ratios, "the retain-only model's truth ratio", "forget")
     return float(ks_2samp(ratios, retain_ratios).pvalue)
+
+
+FQ_FLOOR = -300  # log10 of the bound reported when the KS p-value is 0 (it underflowed below ~5e-324)
+
+
+def log10_fq(p):
+    """(log10 p, None) for FQ's p-value, or (None, "< -300") when p is 0: the p-value underflowed, its
+    log10 is only known to be below that, and JSON has no -Infinity."""
+    return (math.log10(p), None) if p > 0 else (None, f"< {FQ_FLOOR}")
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -238,9 +277,11 @@ def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200
                 row["es_perturb"] = score(model, tokenizer, common.encode_rows(
                     tokenizer, template, pert, question="paraphrased_question"), batch_size, bar, with_eos)[1]
         per[name] = row
-        metrics[name] = {k: mean(row[k]) for k in ("prob", "rouge", "es_exact", "es_perturb") if k in row}
-        metrics[name]["truth_ratio"] = truth_ratio_stat(ratios, forget=name == "forget")
-    mu = model_utility([metrics[s][k] for s in SETS if s != "forget" for k in ("prob", "rouge", "truth_ratio")])
+        metrics[name] = {k: mean(row[k], METRIC_NAMES[k], name) for k in ("prob", "rouge", "es_exact", "es_perturb")
+                         if k in row}
+        metrics[name]["truth_ratio"] = truth_ratio_stat(ratios, forget=name == "forget", where=name)
+    parts = [(s, k) for s in SETS if s != "forget" for k in ("prob", "rouge", "truth_ratio")]
+    mu = model_utility([metrics[s][k] for s, k in parts], [f"{s} {METRIC_NAMES[k]}" for s, k in parts])
     return dict(metrics=metrics, model_utility=mu, per_sample=per)
 
 
@@ -248,18 +289,37 @@ def evaluate(model, tokenizer, sets, template, batch_size=64, max_new_tokens=200
 
 def model_defaults(model, path):
     """(preset, data, template) of a preset, or of a folder made by this project's scripts, whose
-    args.json names the preset, data and template it was trained with; else the generic defaults."""
+    args.json names the preset, data and template it was trained with; else the generic defaults.
+    A uwc.py output's args.json names the unlearned run as its model and the preset as `original`.
+    A broken args.json raises UsageError (common.run_args)."""
     if model in common.PRESETS:
         p = common.PRESETS[model]
         return model, p["data"], p["template"]
-    try:
-        with open(os.path.join(path, "args.json")) as f:
-            a = json.load(f)
-    except (OSError, ValueError):
-        a = {}
-    preset = a.get("model") if a.get("model") in common.PRESETS else None
+    a = common.run_args(path)
+    preset = next((m for m in (a.get("model"), a.get("original")) if m in common.PRESETS), None)
     p = common.PRESETS.get(preset, common.OTHER)
     return preset, a.get("data") or p["data"], a.get("template") or p["template"]
+
+
+def recorded_flags(script, path, args, template):
+    """Fill args.split and args.template left unset from the run's args.json: the forget split it was
+    unlearned (or mixed by uwc.py) on, else forget05 (a finetune.py folder's full or retainXX is no
+    forget split); `template` is the default (model_defaults). A split or template given otherwise than
+    args.json records wins; returned: a warning for each, one line to say once the flags are checked
+    (a different --data gets common.warn_data's)."""
+    a, warnings = common.run_args(path), []
+    split = a.get("split") if a.get("split") in common.SPLITS else None
+    if args.split is None:
+        args.split = split or "forget05"
+    elif split and args.split != split:
+        warnings.append(f"{path} records split {split} in its args.json, not {args.split}: {script} goes by "
+                        f"--split {args.split}")
+    if getattr(args, "template", None) is None:
+        args.template = template
+    elif a.get("template") and args.template != a["template"]:
+        warnings.append(f"{path} records template {a['template']!r} in its args.json, not {args.template!r}: "
+                        f"{script} goes by --template")
+    return warnings
 
 
 def tiny_retain_model(split, data="builtin"):
@@ -271,11 +331,9 @@ def tiny_retain_model(split, data="builtin"):
 def target_of(path, data):
     """The model a folder made by this project's scripts was fine-tuned or unlearned from (its args.json's
     --model, resolved as the scripts resolve it without building anything), or None."""
-    try:
-        with open(os.path.join(path, "args.json")) as f:
-            a = json.load(f)
-        model, data = a.get("model"), a.get("data") or data
-    except (OSError, ValueError, AttributeError):
+    a = common.run_args(path)  # {} for a folder without one; a broken one raises UsageError
+    model, data = a.get("original") or a.get("model"), a.get("data") or data  # uwc.py's: the model before unlearning
+    if model is None:
         return None
     if model == "tiny":
         return str(common.tiny_dir(data) / "full")
@@ -309,7 +367,7 @@ def read_retain_stats(path, split):
     try:
         q, r = d["per_sample"]["forget"]["question"], d["per_sample"]["forget"]["truth_ratio"]
         ok = isinstance(q, list) and isinstance(r, list) and len(q) == len(r) > 0 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in r)
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in r)
     except (KeyError, TypeError):
         ok = False
     if not ok:
@@ -321,14 +379,32 @@ def read_retain_stats(path, split):
 
 
 def write_json(path, obj):
-    """Write atomically: a temporary file renamed into place; in a run folder, the file becomes the run's own."""
+    """Write atomically: a temporary file renamed into place; in a run folder, the file becomes the
+    run's own (common.register). A NaN or infinite float anywhere in `obj`
+    raises NonFinite naming where, and nothing is written: json.dump would write NaN or -Infinity, which
+    is not JSON (strict readers refuse it) and would hide a number that went wrong."""
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False)
+    except ValueError:
+        raise common.NonFinite(f"{path} not written: {nonfinite_at(obj)} is not a finite number")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
+        f.write(text + "\n")
     os.replace(tmp, path)
     common.register(path)
+
+
+def nonfinite_at(obj, at="the value"):
+    """Where the first NaN or infinite float in nested dicts and lists is (e.g. summary.model_utility), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return at
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = nonfinite_at(v, f"{at}[{k}]" if isinstance(k, int) else k if at == "the value" else f"{at}.{k}")
+        if found:
+            return found
+    return None
 
 
 def main(argv=None):
@@ -337,8 +413,10 @@ def main(argv=None):
     a("--model", default="tiny", help=f"preset ({', '.join(common.PRESETS)}), hub id or local model folder")
     a("--data", default=None, help="'builtin', a hub id such as locuslab/TOFU, or a folder of <config>.json "
                                    "files (default: the preset's, or the one the model folder was trained on)")
-    a("--split", default="forget05", help="forget01, forget05 or forget10")
-    a("--template", default=None, help="prompt template with {q} and {a} (default: as --data)")
+    a("--split", default=None, help="forget01, forget05 or forget10 (default: the forget split the model folder was "
+                                    "unlearned on, from its args.json; else forget05)")
+    a("--template", default=None, help="prompt template with {q} and {a} (default: the preset's, or the one the model "
+                                       "folder was trained with)")
     ref = parser.add_mutually_exclusive_group()
     ref.add_argument("--retain-model", default=None, help="retain-only model for Forget Quality (preset, hub id "
                                                           "or folder; default for tiny: its retainXX of --data)")
@@ -356,7 +434,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         common.single_process("eval_tofu.py")
-        if args.split not in common.SPLITS:
+        if args.split is not None and args.split not in common.SPLITS:
             raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)})")
         if args.max_samples is not None and args.max_samples < 1:
             raise common.UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
@@ -364,7 +442,6 @@ def main(argv=None):
             raise common.UsageError("--batch-size and --max-new-tokens must be >= 1")
         if args.out and os.path.isdir(args.out):
             raise common.UsageError(f"--out {args.out} is a folder; give a file path")
-        stats = read_retain_stats(args.retain_stats, args.split) if args.retain_stats else None
         for m in (args.model, args.retain_model):  # a path that is not there, rather than a hub id
             if m and m not in common.PRESETS and common.missing_folder(m):
                 raise common.UsageError(f"model folder '{m}' does not exist")
@@ -377,7 +454,9 @@ def main(argv=None):
         if os.path.exists(out) and not common.own_file(out):  # a file of the user's is never replaced
             raise common.UsageError(f"{out} exists and was not written by this project: give another --out")
         preset, data, template = model_defaults(args.model, path)
-        args.data, args.template = common.data_source(args.data or data), args.template or template
+        args.data = common.data_source(args.data or data)
+        warnings = recorded_flags("eval_tofu.py", path, args, template)  # --split, --template: args.json's unless given
+        stats = read_retain_stats(args.retain_stats, args.split) if args.retain_stats else None
         if not 0 <= args.template.find("{q}") < args.template.find("{a}"):
             raise common.UsageError(f"--template must contain {{q}} and then {{a}}, got {args.template!r}")
         sets = load_sets(args.split, args.data, args.max_samples)
@@ -385,6 +464,8 @@ def main(argv=None):
         if stats and stats[0][:len(questions)] != questions:
             raise common.UsageError(f"--retain-stats {args.retain_stats} was computed on other forget rows "
                                     f"(not the first {len(questions)} of {args.split} in {args.data})")
+        for w in warnings:
+            common.warn(w)
         common.warn_data(path, args.data)
         retain_default = args.retain_model is None and not args.no_fq and stats is None and preset == "tiny"
         if retain_default:  # the tiny preset's retain-only model of this data source
@@ -415,20 +496,22 @@ def main(argv=None):
         ref_ratios, reference = stats[1][:len(questions)], f"the retain stats {args.retain_stats}"
     if args.retain_model or stats:
         fq = forget_quality(res["per_sample"]["forget"]["truth_ratio"], ref_ratios)
-        log_fq = math.log10(fq) if fq > 0 else -math.inf
+        log_fq, fq_bound = log10_fq(fq)  # p = 0: null and the bound "< -300", never -Infinity
     else:  # never a number without a reference
-        fq, log_fq, ref_ratios = None, None, None
+        fq, log_fq, fq_bound, ref_ratios = None, None, None, None
         reference = ("skipped (--no-fq)" if args.no_fq else
                      "unavailable: no retain-only model (give --retain-model or --retain-stats)")
     m = res["metrics"]
     summary = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
                    es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
-                   model_utility=res["model_utility"], log10_forget_quality=log_fq)
-    res = dict(written_by=common.PROJECT, model=path, split=args.split, data=args.data, template=args.template, rows=n,
-               seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq, log10_forget_quality=log_fq,
-               fq_reference=reference, fq_skipped=args.no_fq, fq_retain_model=retain_path,
-               fq_warning=retain_warning, fq_retain_truth_ratio=ref_ratios, model_utility=res["model_utility"],
-               metrics=m, es_eos=args.es_eos, args=vars(args),
+                   model_utility=res["model_utility"], log10_forget_quality=log_fq,
+                   log10_forget_quality_bound=fq_bound)
+    res = dict(written_by=common.PROJECT, model=path, split=args.split, data=args.data, template=args.template,
+               rows=n, seconds=round(time.time() - t0, 1), summary=summary, forget_quality=fq,
+               log10_forget_quality=log_fq,
+               log10_forget_quality_bound=fq_bound, fq_reference=reference, fq_skipped=args.no_fq,
+               fq_retain_model=retain_path, fq_warning=retain_warning, fq_retain_truth_ratio=ref_ratios,
+               model_utility=res["model_utility"], metrics=m, es_eos=args.es_eos, args=vars(args),
                per_sample=res["per_sample"])
     write_json(out, res)
 
@@ -436,11 +519,12 @@ def main(argv=None):
     print(HEADER)
     print("| --- | --- | --- | --- | --- | --- |")
     print("| " + " | ".join(f"{summary[k]:.4f}" for k in list(summary)[:5])
-          + (" | n/a (skipped) |" if args.no_fq else " | n/a |" if fq is None else f" | {log_fq:.4f} |"))
+          + f" | {'n/a (skipped)' if args.no_fq else 'n/a' if fq is None else fq_bound or f'{log_fq:.4f}'} |")
     print("\n| set | Prob. | ROUGE-L | truth ratio |\n| --- | --- | --- | --- |")
     for k in SETS:
         print(f"| {k} | {m[k]['prob']:.4f} | {m[k]['rouge']:.4f} | {m[k]['truth_ratio']:.4f} |")
-    print(f"\nFQ: {reference}" if fq is None else f"\nFQ: p = {fq:.4g} against {reference}"
+    print(f"\nFQ: {reference}" if fq is None else f"\nFQ: p {f'< 1e{FQ_FLOOR}' if fq_bound else f'= {fq:.4g}'} "
+          f"against {reference}"
           + (f" (warning: {retain_warning})" if retain_warning else ""))
     print(f"wrote {out} ({res['seconds']} s)")
     return res

@@ -71,8 +71,9 @@ def check_preset_model(path, data, config):
     project did not write is never taken as the model before unlearning."""
     mark = common.read_marker(path)
     built = (mark or {}).get("recipe")
-    why = ("it carries no mark of this project's" if mark is None else "its build did not finish" if not mark.get("complete")
-           else "it has no recorded recipe" if not isinstance(built, dict) else "")
+    why = ("it carries no mark of this project's" if mark is None else
+           "its build did not finish" if not mark.get("complete") else
+           "it has no recorded recipe" if not isinstance(built, dict) else "")
     if not why:
         diff = differs(built, preset_recipe(data, config))
         why = diff and f"it was built with {diff}"

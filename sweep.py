@@ -25,8 +25,10 @@ and the reference model are loaded once; each configuration starts from the orig
 runs the method script's own loop in memory (its main() with `loaded`) and is mixed in memory
 with theta_o, which the frozen reference model holds. A configuration's row is written
 atomically to runs/<name>/row.json as soon as it is done, so a killed sweep started again with
-the same flags skips what is finished and redoes the configuration it was in. Unlearned weights
-are kept only with --keep. Details and the results on the built-in set: docs/tuning.md.
+the same flags skips what is finished and redoes the configuration it was in; a NaN loss or
+metric stops it the same way, in one line naming the configuration (exit status 1). Unlearned
+weights are kept only with --keep. Table 1's log10 FQ of a p-value of 0 is null with the bound
+"< -300" (eval_tofu.log10_fq). Details and the results on the built-in set: docs/tuning.md.
 """
 import importlib
 import itertools
@@ -139,7 +141,7 @@ def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, sh
         done, total = done + len(idx), total + sum(values)
         if (total + (len(examples) - done)) / len(examples) < target - 1e-9:  # margin: float sums differ
             return total / len(examples), False
-    return eval_tofu.mean(es), True
+    return eval_tofu.mean(es, "ES-exact", "held-out retain"), True
 
 
 class CachedReference:
@@ -202,10 +204,12 @@ class Sweep:
         """The four ES values of the model as it is now (its eval mode on); `retain`: ES-exact on the
         held-out rows when UWC's search has measured it already."""
         self.model.eval()
-        es = lambda ex: eval_tofu.mean(eval_tofu.score(self.model, self.tokenizer, ex, self.args.batch_size,
-                                                       with_eos=self.args.es_eos)[1])
-        return dict(es_exact_retain=es(s["retain"]) if retain is None else retain, es_exact_unlearn=es(s["forget"]),
-                    es_perturb_retain=es(s["retain_perturb"]), es_perturb_unlearn=es(s["forget_perturb"]))
+        es = lambda ex, metric, where: eval_tofu.mean(eval_tofu.score(
+            self.model, self.tokenizer, ex, self.args.batch_size, with_eos=self.args.es_eos)[1], metric, where)
+        return dict(es_exact_retain=es(s["retain"], "ES-exact", "held-out retain") if retain is None else retain,
+                    es_exact_unlearn=es(s["forget"], "ES-exact", "forget"),
+                    es_perturb_retain=es(s["retain_perturb"], "ES-perturb", "held-out retain"),
+                    es_perturb_unlearn=es(s["forget_perturb"], "ES-perturb", "forget"))
 
     def unlearn(self, method: str, split: str, params: dict, run_dir: Path, keep: bool) -> dict:
         """Run the method script's loop on the original weights, in memory; returns theta_u."""
@@ -272,10 +276,11 @@ class Sweep:
                                  progress=False, with_eos=self.args.es_eos)
         m = res["metrics"]
         fq = None if fq_ref is None else eval_tofu.forget_quality(res["per_sample"]["forget"]["truth_ratio"], fq_ref)
+        log_fq, bound = (None, None) if fq is None else eval_tofu.log10_fq(fq)  # p = 0: null and "< -300"
         return dict(method=method, split=split, params=params, es_exact_retain=m["retain"]["es_exact"],
                     es_exact_unlearn=m["forget"]["es_exact"], es_perturb_retain=m["retain"]["es_perturb"],
                     es_perturb_unlearn=m["forget"]["es_perturb"], model_utility=res["model_utility"],
-                    log10_forget_quality=None if fq is None else (math.log10(fq) if fq > 0 else -math.inf))
+                    log10_forget_quality=log_fq, log10_forget_quality_bound=bound)
 
 
 def rank(row: dict) -> tuple:
@@ -316,6 +321,11 @@ HEAD = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | E
 
 def fmt(v):
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def fmt_fq(row):
+    """log10 FQ of a Table 1 row: the number, its bound where p was 0 ("< -300"), or n/a."""
+    return row.get("log10_forget_quality_bound") or fmt(row["log10_forget_quality"])
 
 
 def tuning_tables(rows: list, layers: dict) -> list:
@@ -393,7 +403,7 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
             p = ", ".join(f"{k} {v:g}" for k, v in r["params"].items())
             name = "before unlearning" if r["method"] is None else NAMES[r["method"]]
             t.append(f"| {r['split']} | {name} | {p} | " + " | ".join(fmt(r[c]) for c in COLS)
-                     + f" | {fmt(r['model_utility'])} | {fmt(r['log10_forget_quality'])} |")
+                     + f" | {fmt(r['model_utility'])} | {fmt_fq(r)} |")
             u = by_key.get((r["method"], r["split"], json.dumps(r["params"])))
             if r["method"] is None:
                 uwc_t.append(f"| {r['split']} | before unlearning | | " + " | ".join(fmt(r[c]) for c in COLS) + " | |")
@@ -614,6 +624,12 @@ def main(argv=None):
         print(f"sweep.py: interrupted: {len(rows)} finished configurations are in {root}; "
               f"run the same command again to go on", file=sys.stderr)
         sys.exit(130)
+    except common.NonFinite as e:  # a NaN loss or metric: the rows done stay, the configuration in progress goes
+        bar.close()
+        if current is not None:
+            shutil.rmtree(current.with_name(current.name + ".tmp"), ignore_errors=True)
+        common.say_error(f"{current.name}: {e}" if current is not None else str(e))
+        sys.exit(1)  # as common.cli: the flags were fine, a number was not
     except common.UsageError as e:
         common.die(str(e))
     bar.close()

@@ -10,14 +10,18 @@ evaluations; it assumes the retain ES falls as lam grows). Methods are then comp
 they still remove at equal retention. --tol defaults to the preset's: 10% for tiny and phi-1.5,
 5% for Llama-2-7B.
 
-    python uwc.py --model out/wga-tiny-forget05 --split forget05     # -> out/wga-tiny-forget05-uwc
+    python uwc.py --model out/wga-tiny-forget05                      # -> out/wga-tiny-forget05-uwc
 
-The mixed model is an ordinary model folder, with uwc.json (lam*, every probe, the final
-metrics) and eval.json; the Table 1 row at lam* is printed. Mixing streams over the
-parameters in place, reading theta_o and theta_u tensor by tensor from their safetensors
-files: the model in memory is the only full copy. A LoRA run (its folder has adapter/) is mixed
-exactly and cheaply: theta_o + lam BA is theta_o with the adapter scaled by lam. The paper's tuning of every method under UWC
-(Tables 2-10) and its Table 1 built from it: sweep.py.
+--split defaults to the forget split the run was unlearned on (its args.json), else forget05; a
+--split given otherwise wins, with one warning line. The mixed model is an ordinary model folder,
+with uwc.json (lam*, every probe, the final metrics), eval.json and an args.json that records the
+split, data, template and original model, so that eval_tofu.py on it alone scores what was mixed;
+the Table 1 row at lam* is printed. Mixing streams over the parameters in place, reading theta_o
+and theta_u tensor by tensor from their safetensors files: the model in memory is the only full
+copy. Weights that do not match the model tensor for tensor (a missing or extra tensor, another
+shape) are refused in one line before anything is mixed. A LoRA run (its folder has adapter/) is
+mixed exactly and cheaply: theta_o + lam BA is theta_o with the adapter scaled by lam. The paper's
+tuning of every method under UWC (Tables 2-10) and its Table 1 built from it: sweep.py.
 """
 import json
 import os
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import common
 import eval_tofu
@@ -48,27 +53,42 @@ def safetensors_files(path: str) -> dict:
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
         raise common.UsageError(f"no safetensors weights in '{path}'")
-    from safetensors import safe_open
     with safe_open(single, "pt") as f:
         return {k: single for k in f.keys()}
+
+
+def check_tensors(state: dict, original: dict, unlearned: dict, handles: dict):
+    """Raise UsageError, in one line, unless the unlearned and original weights (safetensors_files maps;
+    `handles`: open files, filled) hold exactly the model's tensors, in its shapes. A tensor tied to one
+    that is stored (lm_head to the embeddings: save_pretrained keeps one) may be absent."""
+    stored = [k for k in state if k in unlearned]
+    held = {state[k].data_ptr() for k in stored}
+    extra = [k for k in unlearned if k not in state]
+    lacking = [k for k in state if k not in unlearned and state[k].data_ptr() not in held]  # and not tied to one held
+    no_original = [k for k in stored if k not in original]
+    for names, what in ((extra, "the unlearned weights hold tensors the model does not have"),
+                        (lacking, "the unlearned weights lack tensors of the model"),
+                        (no_original, "the original model lacks tensors of the unlearned one")):
+        if names:
+            raise common.UsageError(f"cannot mix: {what} ({len(names)}, e.g. {names[0]}): not the same architecture")
+    for name in stored:
+        for who, files in (("unlearned", unlearned), ("original", original)):
+            if files[name] not in handles:
+                handles[files[name]] = safe_open(files[name], "pt", device="cpu")
+            shape = tuple(handles[files[name]].get_slice(name).get_shape())
+            if shape != tuple(state[name].shape):
+                raise common.UsageError(f"cannot mix: {name} is {shape} in the {who} weights but "
+                                        f"{tuple(state[name].shape)} in the model: not the same architecture")
 
 
 @torch.no_grad()
 def mix_(model, original: dict, unlearned: dict, lam: float):
     """Set the model's parameters to (1 - lam) theta_o + lam theta_u in place, one tensor at a time
-    (`original`, `unlearned`: safetensors_files maps). lam 0 and 1 copy the tensors exactly."""
-    from safetensors import safe_open
-    state = model.state_dict()
-    missing = [k for k in unlearned if k in state and k not in original]
-    if missing:
-        raise common.UsageError(f"the original model lacks {len(missing)} tensors of the unlearned one, "
-                                f"e.g. {missing[0]}: not the same architecture")
-    handles = {}
+    (`original`, `unlearned`: safetensors_files maps). lam 0 and 1 copy the tensors exactly. Weights that
+    do not match the model tensor for tensor raise UsageError before any tensor is touched (check_tensors)."""
+    state, handles = model.state_dict(), {}
+    check_tensors(state, original, unlearned, handles)
     for name, file in unlearned.items():
-        if name not in state:
-            continue
-        for f in (file, original[name]):
-            handles.setdefault(f, safe_open(f, "pt", device="cpu"))
         u = handles[file].get_tensor(name)
         if lam == 1:
             state[name].copy_(u)
@@ -134,18 +154,19 @@ def run_uwc(args):
     t0 = time.time()
     out = args.out or f"{args.model.rstrip('/')}-uwc"
     common.check_out(out, args.overwrite)  # before the search: a new folder, or a run of ours with --overwrite
-    try:
-        with open(os.path.join(args.model, "args.json")) as f:
-            run_args = json.load(f)
-    except (OSError, ValueError):
-        run_args = {}
+    run_args = common.run_args(args.model)  # {} without one; a broken one is a UsageError naming it
     preset, data, template = eval_tofu.model_defaults(args.model, args.model)
+    warnings = eval_tofu.recorded_flags("uwc.py", args.model, args, template)  # --split: the run's unless given
     original = args.original or run_args.get("model")
     if original is None:
         raise common.UsageError(f"{args.model} has no args.json naming its original model: give --original")
     tol = args.tol if args.tol is not None else common.PRESETS.get(preset, common.OTHER)["uwc_tol"]
     if not 0 <= tol < 1:
         raise common.UsageError(f"--tol must be in [0, 1), got {tol}")
+    for w in warnings:
+        common.warn(w)
+    # recorded in the mixed folder's args.json: eval_tofu.py on it alone finds the run's data, template and preset
+    args.data, args.original = data, original
     original_path = common.model_path(original, data)
     split = common.split_data(args.split, data)
     tokenizer = common.load_tokenizer(args.model)
@@ -169,7 +190,7 @@ def run_uwc(args):
     def retain_es(lam):
         set_lam(lam)
         return eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["retain_eval"], template, args.batch_size,
-                                                 with_eos=args.es_eos))
+                                                 with_eos=args.es_eos), "ES-exact", "held-out retain")
 
     target_es = retain_es(0.0) * (1 - tol)
     lam, probes = search(retain_es, target_es)
@@ -202,7 +223,8 @@ def main(argv=None):
     a = parser.add_argument
     a("--model", default=None, help="the unlearned run folder")
     a("--original", default=None, help="the model before unlearning (default: the run's --model in args.json)")
-    a("--split", default="forget05", help="forget01, forget05 or forget10")
+    a("--split", default=None, help="forget01, forget05 or forget10 (default: the forget split the run was "
+                                    "unlearned on, from its args.json; else forget05)")
     a("--tol", type=float, default=None, help="allowed drop of retain ES-exact (default: the preset's)")
     a("--out", default=None, help="folder of the mixed model: new, empty, or a run of this project's "
                                   "(default: MODEL-uwc)")
@@ -220,7 +242,7 @@ def main(argv=None):
         common.single_process("uwc.py")
         if not args.model or not os.path.isdir(args.model):
             raise common.UsageError(f"--model must be an unlearned run folder, got {args.model!r}")
-        if args.split not in common.SPLITS:
+        if args.split is not None and args.split not in common.SPLITS:
             raise common.UsageError(f"unknown split '{args.split}' (choose from {', '.join(common.SPLITS)})")
         if args.no_fq and args.retain_stats:
             raise common.UsageError("--no-fq and --retain-stats exclude each other")
