@@ -51,6 +51,10 @@ OTHER = dict(template=QA_TEMPLATE, data="locuslab/TOFU", lr=1e-5, epochs=5, fine
              finetune_lora_lr=1e-4)
 SPLITS = ("forget01", "forget05", "forget10")
 N_EVAL = 400  # the first rows of every retain split are for evaluation only (paper, Appendix B.1)
+# --min-forget-es: a model before unlearning with a forget ES-exact below this hardly knows the forget set
+# (eval_tofu.check_forget_es). Not 0.5: the paper's phi-1.5 target model has 0.5969 / 0.5619 / 0.4799 on
+# forget01/05/10 (Table 1; Llama-2-7B 0.77-0.83). The tiny target model has 1.0, a 2-step fine-tune 0.0.
+MIN_FORGET_ES = 0.3
 
 # Fields every row of a config must have (the hub's schema).
 QA_FIELDS = ("question", "answer")
@@ -75,6 +79,12 @@ def say_error(msg: str, every_rank: bool = False):
     rank = world()[0]
     if rank == 0 or every_rank:
         print(f"{f'[rank {rank}] ' if rank else ''}{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+
+
+def warn(msg: str):
+    """The one line `script.py: warning: msg` on stderr (under torchrun, from rank 0)."""
+    if is_main():
+        print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def die(msg: str, every_rank: bool = False):
@@ -135,6 +145,26 @@ def add_unlearn_flags(parser):
     a("--rr-layer", type=int, default=None, help="hidden state for --reg rr (default: the preset's RMU layer)")
     a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
     a("--no-save", action="store_true", help="write the run folder's logs but not the model's weights")
+    add_min_forget_es(parser)
+
+
+def add_min_forget_es(parser):
+    """--min-forget-es: the method scripts, sweep.py, uwc.py and eval_tofu.py carry it alike."""
+    parser.add_argument("--min-forget-es", type=fraction, default=MIN_FORGET_ES,
+                        help=f"warn when the model before unlearning has a forget ES-exact below this: it hardly "
+                             f"knows the forget set (0 = no check; default {MIN_FORGET_ES:g}, below the paper's "
+                             f"target models)")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got '{text}'")
+    return v
 
 
 def check_batch(args, what=None):
@@ -728,9 +758,9 @@ def warn_data(path: str, data: str):
             trained = json.load(f).get("data")
     except (OSError, ValueError, AttributeError):
         return
-    if trained and data_source(trained) != data_source(data) and is_main():
-        print(f"{Path(sys.argv[0]).name}: warning: {path} was trained on data {trained}, not on {data}: "
-              f"its numbers on {data} measure a model that never learnt that data", file=sys.stderr, flush=True)
+    if trained and data_source(trained) != data_source(data):
+        warn(f"{path} was trained on data {trained}, not on {data}: its numbers on {data} measure a model that "
+             f"never learnt that data")
 
 
 def missing_folder(name: str) -> bool:
