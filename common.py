@@ -52,6 +52,10 @@ OTHER = dict(template=QA_TEMPLATE, data="locuslab/TOFU", lr=1e-5, epochs=5, fine
              finetune_lora_lr=1e-4)
 SPLITS = ("forget01", "forget05", "forget10")
 N_EVAL = 400  # the first rows of every retain split are for evaluation only (paper, Appendix B.1)
+# --min-forget-es: a model before unlearning with a forget ES-exact below this hardly knows the forget set
+# (eval_tofu.check_forget_es). Not 0.5: the paper's phi-1.5 target model has 0.5969 / 0.5619 / 0.4799 on
+# forget01/05/10 (Table 1; Llama-2-7B 0.77-0.83). The tiny target model has 1.0, a 2-step fine-tune 0.0.
+MIN_FORGET_ES = 0.3
 
 # Fields every row of a config must have (the hub's schema).
 QA_FIELDS = ("question", "answer")
@@ -76,6 +80,12 @@ def say_error(msg: str, every_rank: bool = False):
     rank = world()[0]
     if rank == 0 or every_rank:
         print(f"{f'[rank {rank}] ' if rank else ''}{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr)
+
+
+def warn(msg: str):
+    """The one line `script.py: warning: msg` on stderr (under torchrun, from rank 0)."""
+    if is_main():
+        print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def die(msg: str, every_rank: bool = False):
@@ -138,6 +148,26 @@ def add_unlearn_flags(parser):
     a("--rr-layer", type=int, default=None, help="hidden state for --reg rr (default: the preset's RMU layer)")
     a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
     a("--no-save", action="store_true", help="write the run folder's logs but not the model's weights")
+    add_min_forget_es(parser)
+
+
+def add_min_forget_es(parser):
+    """--min-forget-es: the method scripts, sweep.py, uwc.py and eval_tofu.py carry it alike."""
+    parser.add_argument("--min-forget-es", type=fraction, default=MIN_FORGET_ES,
+                        help=f"warn when the model before unlearning has a forget ES-exact below this: it hardly "
+                             f"knows the forget set (0 = no check; default {MIN_FORGET_ES:g}, below the paper's "
+                             f"target models)")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got '{text}'")
+    return v
 
 
 def check_batch(args, what=None):
@@ -762,12 +792,6 @@ def run_args(path: str) -> dict:
     return a
 
 
-def warn(msg: str):
-    """The one line `script.py: warning: msg` on stderr (rank 0 only)."""
-    if is_main():
-        print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
-
-
 def warn_data(path: str, data: str):
     """One warning line on stderr when the model folder's args.json records other training data than
     `data`: its numbers on `data` would measure a model that never saw it. A broken args.json: UsageError."""
@@ -1149,9 +1173,8 @@ class Run:
         if clash:  # a user's file named like one of the new run's: kept, with the old run, beside it
             kept = self.out.with_name(f"{self.out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(old, kept)
-            print(f"{Path(sys.argv[0]).name}: warning: {', '.join(sorted(clash))} in {self.out} were not the "
-                  f"run's own and the new run writes the same names: the old folder is kept as {kept}",
-                  file=sys.stderr, flush=True)
+            warn(f"{', '.join(sorted(clash))} in {self.out} were not the run's own and the new run writes the same "
+                 f"names: the old folder is kept as {kept}")
         elif old is not None:
             shutil.rmtree(old)  # the replaced run's own files only
 

@@ -127,6 +127,38 @@ def mean(xs, metric=None, where=None):
     return sum(finite(xs, metric, where)) / len(xs)
 
 
+FEW_ROWS = 8  # check_forget_es without an evaluation (--no-eval): the first forget rows, one forward pass
+
+
+def check_forget_es(model, tokenizer, split, template, threshold, es=None):
+    """Before the first step: one warning line (forget_es_warning) when the target model's forget
+    ES-exact is below `threshold` (--min-forget-es; 0: no check). `es`: quick_es's numbers when the
+    run measured them; without them (--no-eval), the ES-exact of the first FEW_ROWS forget rows. Under
+    torchrun every process computes it (a sharded model's forward is collective), rank 0 prints."""
+    if not threshold:
+        return
+    if es is not None:
+        forget_es_warning(es["forget"], threshold, "the target model")
+    else:  # --no-eval: a few rows are enough to tell a model that knows them from one that does not
+        rows = split["forget"][:FEW_ROWS]
+        forget_es_warning(mean(es_exact(model, tokenizer, rows, template)), threshold, "the target model", len(rows))
+
+
+def forget_es_warning(value, threshold, what, rows=None):
+    """Warn, in one line, that `what` (the model before unlearning) has a forget ES-exact `value` below
+    `threshold`, and return that line's message; None when it is not below (or threshold is 0). A model
+    that never learnt the forget rows has nothing to unlearn, yet its run looks like any other.
+    `rows`: the number of forget rows `value` is the mean of, when not all of them."""
+    if not threshold or value >= threshold:
+        return None
+    msg = (f"{what} has forget ES-exact {value:.4f}{f' on the first {rows} forget rows' if rows else ''}, below "
+           f"--min-forget-es {threshold:g}: it hardly knows the forget set, so there is little to unlearn; usually "
+           f"it is not the fine-tuned model (a base model, a fine-tune cut short) or --data is not the data it was "
+           f"fine-tuned on")
+    common.warn(msg)
+    return msg
+
+
 # ----------------------------------------------------------------------------- generation and ROUGE-L
 
 @torch.no_grad()
@@ -340,6 +372,24 @@ def target_of(path, data):
     return common.PRESETS[model]["path"] if model in common.PRESETS else model
 
 
+def before_unlearning(model, path):
+    """Whether the model under evaluation is one before unlearning, which should know the forget rows: a
+    preset, a hub id, a folder without args.json or a fine-tune (finetune.py's) on anything but a retain
+    split. An unlearning run's folder (args.json with --reg: a method script's; --original: uwc.py's) is
+    not, nor a retain-only model. args.json's command cannot tell: a tiny model built on first use
+    records the command that built it (wga.py ...)."""
+    if model in common.PRESETS or not os.path.isdir(path):
+        return True
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            a = json.load(f)
+    except (OSError, ValueError):
+        return True
+    if not isinstance(a, dict):
+        return True
+    return "reg" not in a and "original" not in a and not str(a.get("split", "")).startswith("retain")
+
+
 def same_model(a, b):
     return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
@@ -430,6 +480,7 @@ def main(argv=None):
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
     a("--es-eos", action="store_true", help="ES counts the EOS token as the answer's last token: the stricter "
                                             "'must also stop' reading (default: EOS left out, as the authors' ES)")
+    common.add_min_forget_es(parser)
     args = parser.parse_args(argv)
     t0 = time.time()
     try:
@@ -487,6 +538,10 @@ def main(argv=None):
           + f" | {next(model.parameters()).device}" + (" | ES with EOS (--es-eos)" if args.es_eos else ""), flush=True)
 
     res = evaluate(model, tokenizer, sets, args.template, args.batch_size, args.max_new_tokens, with_eos=args.es_eos)
+    forget_warning = None
+    if before_unlearning(args.model, path):  # a model to unlearn from must know the forget rows
+        forget_warning = forget_es_warning(res["metrics"]["forget"]["es_exact"], args.min_forget_es,
+                                           f"{path}, a model before unlearning,", args.max_samples and n["forget"])
     # Forget Quality: KS test against the retain-only model's forget-set truth ratios
     if args.retain_model:
         ref_ratios = forget_truth_ratios(retain_model, retain_tok, args.template, sets["forget"][1], args.batch_size)
@@ -511,6 +566,7 @@ def main(argv=None):
                log10_forget_quality=log_fq,
                log10_forget_quality_bound=fq_bound, fq_reference=reference, fq_skipped=args.no_fq,
                fq_retain_model=retain_path, fq_warning=retain_warning, fq_retain_truth_ratio=ref_ratios,
+               forget_es_warning=forget_warning,
                model_utility=res["model_utility"], metrics=m, es_eos=args.es_eos, args=vars(args),
                per_sample=res["per_sample"])
     write_json(out, res)

@@ -196,6 +196,9 @@ class Sweep:
             self.splits[split] = s
             reset_(self.model, self.ref_model)  # the model may hold another split's unlearned weights
             s["before"] = self.scores(s)
+            # once per split, not once per configuration (those run with --min-forget-es 0)
+            eval_tofu.forget_es_warning(s["before"]["es_exact_unlearn"], self.args.min_forget_es,
+                                        f"the target model {self.path} on {split}")
             s["target"] = s["before"]["es_exact_retain"] * (1 - self.tol)
             s["shortfall"] = {}  # retain_es_probe's batch order, carried from probe to probe
         return self.splits[split]
@@ -216,7 +219,7 @@ class Sweep:
         a = self.args
         argv = ["--model", a.model, "--data", self.data, "--template", self.template, "--split", split,
                 "--reg", "kl", "--seed", str(a.seed), "--out", str(run_dir), "--overwrite", "--no-eval",
-                "--log-every", "1000000"] + ([] if keep else ["--no-save"])
+                "--log-every", "1000000", "--min-forget-es", "0"] + ([] if keep else ["--no-save"])
         argv += [x for k, v in (("--lr", a.lr), ("--epochs", a.epochs)) if v is not None for x in (k, f"{v:g}")]
         argv += [x for k, v in params.items() for x in (f"--{k}", f"{v:g}")]
         reset_(self.model, self.ref_model)
@@ -516,6 +519,7 @@ def main(argv=None):
     a("--no-table1", action="store_true", help="tuning tables only: skip Table 1's full evaluations")
     a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
     a("--out", default=None, help="output folder: new, empty, or a sweep's to resume (default: out/sweep/<preset>)")
+    common.add_min_forget_es(parser)
     args = parser.parse_args(argv)
     try:
         common.single_process("sweep.py")
@@ -569,6 +573,9 @@ def main(argv=None):
     want = settings(sweep)
     print(f"sweep {sweep.path} | data {sweep.data} | KL | UWC tol {sweep.tol:g} | RMU hidden states "
           + ", ".join(f"{k} {v}" for k, v in sweep.layers.items()) + f" of 0..{sweep.n_layers} | -> {root}", flush=True)
+
+    for sp in splits:  # each split's ES before unlearning, first: a target model that does not know it is said at once
+        sweep.split(sp)
 
     # Split by split, method by method: the grid (configurations on disk with these settings are
     # skipped), the pick, then its Table 1 row, after which the pick's weights are let go.

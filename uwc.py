@@ -193,6 +193,10 @@ def run_uwc(args):
                                                  with_eos=args.es_eos), "ES-exact", "held-out retain")
 
     target_es = retain_es(0.0) * (1 - tol)
+    if args.min_forget_es:  # at lam 0 the model is theta_o: does it know the forget rows at all?
+        original_es = eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["forget"], template, args.batch_size,
+                                                        with_eos=args.es_eos))
+        eval_tofu.forget_es_warning(original_es, args.min_forget_es, f"the original model {original_path}")
     lam, probes = search(retain_es, target_es)
     for p in probes:
         print(f"lam {p['lam']:.4f} | retain ES-exact {p['retain_es']:.4f} | {'ok' if p['feasible'] else 'too low'}")
@@ -237,6 +241,7 @@ def main(argv=None):
                                                "write is never touched)")
     a("--es-eos", action="store_true", help="ES counts the EOS token, in the search and the evaluation: the stricter "
                                             "'must also stop' reading (default: EOS left out, as the authors' ES)")
+    common.add_min_forget_es(parser)
     args = parser.parse_args(argv)
     try:
         common.single_process("uwc.py")

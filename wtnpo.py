@@ -66,6 +66,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
     es_before = None if args.no_eval else eval_tofu.quick_es(model, tokenizer, data, args.template)
+    # nothing to unlearn when the target model does not know the forget rows: say so before the first step
+    eval_tofu.check_forget_es(model, tokenizer, data, args.template, args.min_forget_es, es_before)
 
     # unlearning loop
     model.train()

@@ -37,17 +37,19 @@ def tiny_tokenizer():
     return finetune.tiny_tokenizer([r for rs in fictitious.generate().values() for r in rs])
 
 
-def run_main(script, *args):
+def run_main(script, *args, merged=False):
     """Run a project script's main() in this process, as `python script args` from the project root
     would: returns a CompletedProcess (returncode, stdout, stderr) like run_script, without the 3 s
     of starting Python and importing torch. For bad input and short runs; what a separate process
-    shows (signals, torchrun, the hub's log lines, tracebacks) needs run_script."""
+    shows (signals, torchrun, the hub's log lines, tracebacks) needs run_script. `merged`: stderr
+    goes into stdout, in the order the lines were written (stderr is then empty)."""
     import contextlib
     import importlib
     import io
     import subprocess
     module = importlib.import_module(script.removesuffix(".py"))
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, code = io.StringIO(), 0
+    err = out if merged else io.StringIO()
     argv, cwd = sys.argv, os.getcwd()
     sys.argv = [script, *map(str, args)]  # the error line names sys.argv[0]
     os.chdir(ROOT)
@@ -59,7 +61,7 @@ def run_main(script, *args):
     finally:
         sys.argv = argv
         os.chdir(cwd)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), "" if merged else err.getvalue())
 
 
 def run_script(*args, timeout=600):

@@ -176,7 +176,8 @@ def test_every_split_starts_from_the_original_weights(tmp_path):
     model held last (the before-unlearning row and UWC's target come from it)."""
     import argparse
     args = argparse.Namespace(model="tiny", data=None, tol=None, batch_size=64, es_eos=False, seed=0, lr=None,
-                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None)
+                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None,
+                              min_forget_es=0.3)
     sw = sweep.Sweep(args)
     sw.runs = tmp_path
     row = sw.config("ga", "forget01", {})
