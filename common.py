@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -1047,11 +1048,16 @@ def own_file(path) -> bool:
         return False
 
 
-def check_out(out, overwrite: bool = False, what: str = "--out"):
+def check_out(out, overwrite: bool = False, what: str = "--out", cache: bool = False) -> Path:
     """Raise UsageError unless a run may write folder `out`, having touched nothing: a new or empty
-    folder, or (with --overwrite) a run folder this project wrote. Its twin <out>.tmp, where the run is
-    written before it moves into place, must be absent or a run of ours that was stopped half-way."""
+    folder, or (with --overwrite) a run folder this project wrote; never inside the tiny preset's models
+    (out/tiny), which only finetune.py's own builds write (`cache`). Its twin <out>.tmp, where the run is
+    written before it moves into place, must be absent or a run of ours that was stopped half-way (not
+    one still running). Returns the absolute path that was checked, the one to write."""
     out = Path(os.path.abspath(os.path.expanduser(out)))
+    if not cache and inside(out, tiny_dir("builtin")):
+        raise UsageError(f"{what} {out} is where the tiny preset keeps its models, which only finetune.py's own "
+                         f"builds write: choose another {what}")
     here = Path.cwd().resolve()
     if out.is_symlink():
         raise UsageError(f"{what} {out} is a symbolic link: give the folder it points to")
@@ -1069,9 +1075,28 @@ def check_out(out, overwrite: bool = False, what: str = "--out"):
             raise UsageError(f"{out} holds a {mark.get('script', 'run')} run already: pass --overwrite to replace "
                              f"it, or choose another {what}")
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists() and not (tmp.is_dir() and (read_marker(tmp) is not None or not any(tmp.iterdir()))):
+    mark = read_marker(tmp) if tmp.is_dir() else None
+    if tmp.exists() and mark is None and not (tmp.is_dir() and not any(tmp.iterdir())):
         raise UsageError(f"{tmp}, where the run is written before it moves to {out}, exists and is not a run "
                          f"of this project's: move it away")
+    if mark is not None and mark.get("pid") != os.getpid() and running(mark):
+        raise UsageError(f"{tmp} is being written by a run still going ({mark.get('script')}, process "
+                         f"{mark.get('pid')} on {mark.get('host')}): wait for it, or choose another {what}")
+    return out
+
+
+def running(mark: dict) -> bool:
+    """Whether the process a half-written run's mark names may still be writing it: alive on this host,
+    or on another host (which cannot be asked: the run's folder is then left to the user)."""
+    if mark.get("host") != socket.gethostname():
+        return mark.get("host") is not None
+    try:
+        os.kill(int(mark.get("pid")), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 class Run:
@@ -1083,15 +1108,16 @@ class Run:
     writes; the others keep no files."""
 
     def __init__(self, out: str, args, mark: dict = None):
-        self.out = Path(out)
+        self.out = Path(out)  # as given, for the messages; self.path is what was checked and is written
         try:
-            check_out(self.out, getattr(args, "overwrite", False))
+            self.path = check_out(self.out, getattr(args, "overwrite", False), cache="recipe" in (mark or {}))
         except UsageError as e:
             die(str(e))
         barrier()  # every process has checked --out before rank 0 writes next to it
-        self.tmp = self.out.with_name(self.out.name + ".tmp")
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._log = None
-        self.mark = dict(mark or {}, script=Path(sys.argv[0]).name, complete=False)
+        self.mark = dict(dict(script=Path(sys.argv[0]).name), **(mark or {}), complete=False, pid=os.getpid(),
+                         host=socket.gethostname())
         if not is_main():
             return
         shutil.rmtree(self.tmp, ignore_errors=True)  # a stopped run's (check_out)
@@ -1152,30 +1178,33 @@ class Run:
         for name, obj in (extra or {}).items():
             (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         write_marker(self.tmp, dict(self.mark, complete=True, files=sorted({p.name for p in self.tmp.iterdir()})))
-        old, clash = None, []
+        old = None
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:  # renames only, not interrupted: <out> is always a whole run (or the old one)
-            if self.out.exists():  # empty, or a run of ours (check_out): what is not its own moves to the new run
-                mark = read_marker(self.out)
-                own = set(mark.get("files", [])) | {MARKER} if mark else set()
-                for p in self.out.iterdir():
-                    if p.name in own:
-                        continue
-                    if (self.tmp / p.name).exists():
-                        clash.append(p.name)
-                    else:
-                        os.replace(p, self.tmp / p.name)
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
-                os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
+        try:  # two renames, not interrupted: <out> is a whole run, the new one or the old one
+            if self.path.exists():  # empty, or a run of ours (check_out): set aside whole, under a new name
+                old = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.replaced-", dir=self.path.parent))
+                os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        if clash:  # a user's file named like one of the new run's: kept, with the old run, beside it
-            kept = self.out.with_name(f"{self.out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(old, kept)
-            warn(f"{', '.join(sorted(clash))} in {self.out} were not the run's own and the new run writes the same "
-                 f"names: the old folder is kept as {kept}")
-        elif old is not None:
+        if old is None:
+            return
+        mark = read_marker(old)  # what is not the old run's own is the user's: it moves to the new run
+        own = set(mark.get("files", [])) | {MARKER} if mark else set()
+        kept = []
+        for p in old.iterdir():
+            if p.name in own:
+                continue
+            try:
+                if (self.path / p.name).exists():  # the new run writes the same name
+                    raise FileExistsError(p.name)
+                os.replace(p, self.path / p.name)
+            except OSError:
+                kept.append(p.name)
+        if kept:  # nothing of the user's is ever deleted: the old folder stays, with a word
+            warn(f"{', '.join(sorted(kept))} in {self.out} were not the run's own and could not move to the new run "
+                 f"(the same name, or a rename refused): the old folder is kept as {old}")
+        else:
             shutil.rmtree(old)  # the replaced run's own files only
 
 

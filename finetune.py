@@ -141,7 +141,7 @@ def main(argv=None):
         mark, custom = None, ""
         preset_dir = common.tiny_dir(args.data) / args.split
         if args.model == "tiny":
-            mark = dict(recipe=recipe(args))
+            mark = dict(script="finetune.py", recipe=recipe(args))
             custom = differs(mark["recipe"], preset_recipe(args.data, args.split))
         if args.out is None and args.model == "tiny":
             src = "" if args.data == "builtin" else f"-{common.source_slug(args.data)}"

@@ -574,8 +574,12 @@ def main(argv=None):
     print(f"sweep {sweep.path} | data {sweep.data} | KL | UWC tol {sweep.tol:g} | RMU hidden states "
           + ", ".join(f"{k} {v}" for k, v in sweep.layers.items()) + f" of 0..{sweep.n_layers} | -> {root}", flush=True)
 
-    for sp in splits:  # each split's ES before unlearning, first: a target model that does not know it is said at once
-        sweep.split(sp)
+    try:  # each split's ES before unlearning, first: a target model that does not know it is said at once
+        for sp in splits:
+            sweep.split(sp)
+    except common.NonFinite as e:
+        common.say_error(f"{sp}, before unlearning: {e}")
+        sys.exit(1)  # as common.cli: the flags were fine, a number was not
 
     # Split by split, method by method: the grid (configurations on disk with these settings are
     # skipped), the pick, then its Table 1 row, after which the pick's weights are let go.

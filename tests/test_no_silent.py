@@ -224,7 +224,8 @@ def test_a_nan_stops_the_sweep_in_one_line(tmp_path, monkeypatch):
     out = tmp_path / "sw"
     r = run_main("sweep.py", "--method", "ga", "--split", "forget01", "--no-table1", "--out", str(out))
     assert r.returncode == 1 and lines(r.stderr, "error") == [
-        f"sweep.py: error: ga-forget01: ES-exact of row 0 of the held-out retain set is nan: {NEVER}"], r.stderr
+        f"sweep.py: error: forget01, before unlearning: ES-exact of row 0 of the held-out retain set is nan: "
+        f"{NEVER}"], r.stderr
     assert not list(out.glob("runs/*/row.json")) and not list(out.glob("runs/*.tmp"))
 
 

@@ -137,6 +137,44 @@ def test_a_run_stopped_half_way_leaves_the_old_run_and_is_redone(finished, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["run"] and listing(d)["model.safetensors"] != before["model.safetensors"]
 
 
+def test_a_twin_still_being_written_is_left_alone(finished, tmp_path):
+    """Two runs on one --out at once: the second never removes the twin the first is writing."""
+    import socket
+    import subprocess
+    import sys
+    d = tmp_path / "run"
+    twin = tmp_path / "run.tmp"
+    twin.mkdir()
+    (twin / "log.jsonl").write_text("{}\n")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        common.write_marker(twin, dict(script="npo.py", complete=False, pid=alive.pid, host=socket.gethostname()))
+        refused(run_main("ga.py", *RUN, "--out", str(d)), "is being written by a run still going", str(alive.pid))
+        assert sorted(listing(tmp_path)) == sorted([f"run.tmp/{common.MARKER}", "run.tmp/log.jsonl"])
+    finally:
+        alive.kill()
+        alive.wait()
+    assert run_main("ga.py", *RUN, "--out", str(d)).returncode == 0  # its process is gone: a stopped run's twin
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_runs_never_write_into_the_presets_models(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
+    refused(run_main("ga.py", *RUN, "--out", str(tmp_path / "tiny" / "mine"), "--overwrite"),
+            "where the tiny preset keeps its models")
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_the_recorded_recipe_is_the_presets_flags(tiny_path):
+    """The session's tiny model records the build's recipe, written out here by hand from finetune.py's
+    defaults and common.PRESETS['tiny'] (30 epochs at 3e-3, batch 32, the built-in sizes)."""
+    assert common.read_marker(tiny_path)["recipe"] == dict(
+        data="builtin", split="full", template="Question: {q}\nAnswer: {a}", lr=0.003, epochs=30, batch_size=32,
+        grad_accum=1, warmup_epochs=1, max_grad_norm=1.0, optim="adamw", max_steps=0, seed=0, version=1,
+        size=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=256, vocab=2048))
+
+
 def test_a_tmp_twin_that_is_not_ours_is_refused(tiny_path, tmp_path):
     (tmp_path / "run.tmp").mkdir()
     (tmp_path / "run.tmp" / "keep.txt").write_text("mine")

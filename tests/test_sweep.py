@@ -167,7 +167,7 @@ def test_no_save_keeps_the_logs_without_the_weights(tmp_path):
     out = tmp_path / "run"
     r = run_main("ga.py", "--max-steps", "2", "--no-eval", "--no-save", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in out.iterdir()} == {"args.json", "log.jsonl", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {"args.json", "log.jsonl", "summary.json", "run.json"}
     assert len(open(out / "log.jsonl").read().splitlines()) == 2 and not (tmp_path / "run.tmp").exists()
 
 
