@@ -95,7 +95,7 @@ def test_no_warning_on_the_target_model_nor_when_off(weak, tmp_path, monkeypatch
     es_exact = eval_tofu.es_exact
     monkeypatch.setattr(eval_tofu, "es_exact", lambda *a, **k: calls.append(1) or es_exact(*a, **k))
     argv = ["wga.py", "--model", weak["random"], "--data", "builtin", "--split", "forget01", "--max-steps", "1",
-            "--no-eval", "--no-save", "--out", tmp_path / "r"]
+            "--no-eval", "--no-save", "--out", tmp_path / "r", "--overwrite"]
     r = run_main(*argv)
     assert len(warnings(r.stderr)) == 1 and calls == [1]  # the check: one pass
     r = run_main(*argv, "--min-forget-es", "0")
