@@ -437,6 +437,9 @@ def write_json(path, obj):
         text = json.dumps(obj, indent=1, allow_nan=False)
     except ValueError:
         raise common.NonFinite(f"{path} not written: {nonfinite_at(obj)} is not a finite number")
+    if os.path.exists(path) and common.read_marker(os.path.dirname(os.path.abspath(path))) is not None \
+            and not common.own_file(path):  # in a run folder, a file its mark does not list is the user's
+        raise common.UsageError(f"{path} is not the run's own (a file of the user's): not replaced; move it away")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -275,3 +275,15 @@ def test_the_presets_own_build_is_taken(preset_root):
     common.write_marker(full, dict(script="finetune.py", complete=True, recipe=other))
     with pytest.raises(common.UsageError, match="built with --split retain95"):
         common.model_path("tiny")
+
+
+def test_write_json_never_replaces_a_users_file_in_a_run_folder(finished, tmp_path):
+    import eval_tofu
+    d = copy_run(finished, tmp_path / "run")
+    (d / "uwc.json").write_text("mine")  # the user's: not in the run's list
+    with pytest.raises(common.UsageError, match="not the run's own"):
+        eval_tofu.write_json(str(d / "uwc.json"), dict(lam=1.0))
+    assert (d / "uwc.json").read_text() == "mine"
+    eval_tofu.write_json(str(d / "row.json"), dict(lam=0.5))  # a new file becomes the run's own, and is replaced
+    eval_tofu.write_json(str(d / "row.json"), dict(lam=0.25))
+    assert json.load(open(d / "row.json")) == dict(lam=0.25) and "row.json" in common.read_marker(d)["files"]
