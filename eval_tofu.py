@@ -141,7 +141,8 @@ def check_forget_es(model, tokenizer, split, template, threshold, es=None):
         forget_es_warning(es["forget"], threshold, "the target model")
     else:  # --no-eval: a few rows are enough to tell a model that knows them from one that does not
         rows = split["forget"][:FEW_ROWS]
-        forget_es_warning(mean(es_exact(model, tokenizer, rows, template)), threshold, "the target model", len(rows))
+        forget_es_warning(mean(es_exact(model, tokenizer, rows, template), "ES-exact", "forget"), threshold,
+                          "the target model", len(rows))
 
 
 def forget_es_warning(value, threshold, what, rows=None):
@@ -380,13 +381,7 @@ def before_unlearning(model, path):
     records the command that built it (wga.py ...)."""
     if model in common.PRESETS or not os.path.isdir(path):
         return True
-    try:
-        with open(os.path.join(path, "args.json")) as f:
-            a = json.load(f)
-    except (OSError, ValueError):
-        return True
-    if not isinstance(a, dict):
-        return True
+    a = common.run_args(path)  # {} without one (main has read it already: a broken one has stopped the run)
     return "reg" not in a and "original" not in a and not str(a.get("split", "")).startswith("retain")
 
 

@@ -195,7 +195,7 @@ def run_uwc(args):
     target_es = retain_es(0.0) * (1 - tol)
     if args.min_forget_es:  # at lam 0 the model is theta_o: does it know the forget rows at all?
         original_es = eval_tofu.mean(eval_tofu.es_exact(model, tokenizer, split["forget"], template, args.batch_size,
-                                                        with_eos=args.es_eos))
+                                                        with_eos=args.es_eos), "ES-exact", "forget")
         eval_tofu.forget_es_warning(original_es, args.min_forget_es, f"the original model {original_path}")
     lam, probes = search(retain_es, target_es)
     for p in probes:
