@@ -18,8 +18,33 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+
+def cpu_info(cpuinfo="/proc/cpuinfo") -> tuple:
+    """(vendor, flags) of the CPU, from /proc/cpuinfo; ("", set()) where there is none (not Linux)."""
+    info = {}
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return info.get("vendor_id", ""), set(info.get("flags", "").split())
+
+
+def reproducible_cpu(cpuinfo="/proc/cpuinfo") -> dict:
+    """The CPU arithmetic that gives the same bytes on every x86-64 CPU with AVX2 and FMA, whatever its
+    newer instructions (AVX-512) and the number of threads: torch's AVX2 kernels and MKL's AVX2 code path
+    in its strict mode (docs/reproducibility.md; MKL promises it on Intel CPUs). {} elsewhere."""
+    return dict(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR="AVX2,STRICT") if {"avx2", "fma"} <= cpu_info(cpuinfo)[1] else {}
+
+
+# Set before torch computes anything (both are read on first use), over any value the environment had: the
+# same arithmetic on every such CPU is what makes a build's bytes and a run's numbers reproduce.
+os.environ.update(reproducible_cpu())
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 # Weights such as p^alpha of forgotten tokens underflow into denormal floats, which the CPU
 # handles many times slower in every matmul of the backward pass: flush them to zero.
@@ -998,6 +1023,15 @@ def steps_for(n_rows: int, args) -> tuple:
     return per_epoch, total, min(total, round(per_epoch * args.warmup_epochs))
 
 
+def arithmetic() -> dict:
+    """What a run's bytes depend on besides its flags: the libraries' versions and the CPU kernels."""
+    import tokenizers
+    import transformers
+    return dict(torch=torch.__version__, transformers=transformers.__version__, tokenizers=tokenizers.__version__,
+                cpu_kernels=torch.backends.cpu.get_cpu_capability(), mkl_cbwr=os.environ.get("MKL_CBWR"),
+                cpu_vendor=cpu_info()[0])
+
+
 def set_seed(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
@@ -1124,8 +1158,7 @@ class Run:
         self.tmp.mkdir(parents=True)
         write_marker(self.tmp, self.mark)
         argv = [Path(sys.argv[0]).name] + sys.argv[1:]
-        meta = dict(vars(args), command=" ".join(argv), torch=torch.__version__,
-                    transformers=__import__("transformers").__version__)
+        meta = dict(vars(args), command=" ".join(argv), **arithmetic())
         (self.tmp / "args.json").write_text(json.dumps(meta, indent=2) + "\n")
         self._log = open(self.tmp / "log.jsonl", "w")
 

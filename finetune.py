@@ -14,6 +14,8 @@ the chosen config plus the general-knowledge rows (real_authors, world_facts): t
 part of pre-training knowledge, which no split forgets. Each data source has its own folder of
 tiny models (common.tiny_dir) and, beyond the built-in set, a model sized for the real TOFU.
 A progress bar shows the elapsed time and the ETA; the step lines are printed above it.
+A preset build of the built-in set ends with one line that says whether its bytes are the published
+ones (CHECKSUMS; the same on every Intel x86-64 CPU with AVX2: common.reproducible_cpu).
 """
 import os
 import time
@@ -44,7 +46,12 @@ TOKENIZER_CONFIGS = ("full", "forget01_perturbed", "forget05_perturbed", "forget
 # build whose recipe is the preset's, recorded in its mark (common.MARKER) and compared on every load.
 RECIPE_FLAGS = ("data", "split", "template", "lr", "epochs", "batch_size", "grad_accum", "warmup_epochs",
                 "max_grad_norm", "optim", "max_steps", "seed")
-RECIPE_VERSION = 1  # raise it when the build's code changes what a recipe makes
+RECIPE_VERSION = 2  # raise it when the build's code changes what a recipe makes (2: common.reproducible_cpu)
+# SHA-256 of model.safetensors of the built-in set's preset builds, made with the pinned versions (constraints.txt)
+# and common.reproducible_cpu's arithmetic: the same bytes on any x86-64 CPU with AVX2 (docs/reproducibility.md).
+CHECKSUMS = dict(full="", retain99="", retain95="", retain90="")
+PUBLISHED = dict(torch="2.13.0+cpu", transformers="5.24.0", tokenizers="0.23.3", cpu_kernels="AVX2",
+                 mkl_cbwr="AVX2,STRICT", cpu_vendor="GenuineIntel")  # common.arithmetic() of the builds above
 
 
 def recipe(args) -> dict:
@@ -81,6 +88,27 @@ def check_preset_model(path, data, config):
         cmd = "python finetune.py --split " + config + ("" if data == "builtin" else f" --data {data}")
         fix = f"move it away, then rebuild it: {cmd}" if mark is None else f"rebuild it: {cmd} --overwrite"
         raise common.UsageError(f"{path} is not the tiny preset's model of {config} ({why}); {fix}")
+
+
+def sha256(path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_line(path, split) -> str:
+    """Whether a preset build of the built-in set has the published bytes (CHECKSUMS), in one line."""
+    got, want = sha256(os.path.join(path, "model.safetensors")), CHECKSUMS[split]
+    if got == want:
+        return f"model.safetensors SHA-256 {got}: the published bytes (docs/reproducibility.md)"
+    now = common.arithmetic()
+    diff = ", ".join(f"{k} {now[k]} (published: {v})" for k, v in PUBLISHED.items() if str(now[k]) != v)
+    return (f"model.safetensors SHA-256 {got} differs from the published {want}: "
+            + (f"this build has {diff}" if diff else "same versions and kernels, so another kind of CPU")
+            + "; the numbers of docs/ are the published model's (docs/reproducibility.md)")
 
 
 def tokenizer_rows(data):
@@ -225,6 +253,8 @@ def main(argv=None):
     bar.close()
     out = run.save(model, tokenizer, extra={"summary.json": dict(seconds=time.time() - t0, steps=total)})
     print(f"saved {out} ({time.time() - t0:.0f} s)")
+    if mark and not custom and args.data == "builtin" and args.split in CHECKSUMS and common.is_main():
+        print(checksum_line(out, args.split), flush=True)
     return out
 
 

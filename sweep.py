@@ -214,11 +214,11 @@ class Sweep:
                     es_perturb_retain=es(s["retain_perturb"], "ES-perturb", "held-out retain"),
                     es_perturb_unlearn=es(s["forget_perturb"], "ES-perturb", "forget"))
 
-    def unlearn(self, method: str, split: str, params: dict, run_dir: Path, keep: bool) -> dict:
+    def unlearn(self, method: str, split: str, params: dict, run_dir: Path, keep: bool, seed: int = None) -> dict:
         """Run the method script's loop on the original weights, in memory; returns theta_u."""
         a = self.args
-        argv = ["--model", a.model, "--data", self.data, "--template", self.template, "--split", split,
-                "--reg", "kl", "--seed", str(a.seed), "--out", str(run_dir), "--overwrite", "--no-eval",
+        argv = ["--model", a.model, "--data", self.data, "--template", self.template, "--split", split, "--reg", "kl",
+                "--seed", str(a.seed if seed is None else seed), "--out", str(run_dir), "--overwrite", "--no-eval",
                 "--log-every", "1000000", "--min-forget-es", "0"] + ([] if keep else ["--no-save"])
         argv += [x for k, v in (("--lr", a.lr), ("--epochs", a.epochs)) if v is not None for x in (k, f"{v:g}")]
         argv += [x for k, v in params.items() for x in (f"--{k}", f"{v:g}")]
@@ -238,6 +238,16 @@ class Sweep:
         run_dir = self.runs / name_of(method, split, params)
         theta_u = self.unlearn(method, split, params, run_dir, self.args.keep)
         t_unlearn = time.time() - t0
+        row = dict(method=method, split=split, params=params, **self.after_uwc(s, theta_u),
+                   seconds=round(time.time() - t0, 2), seconds_unlearn=round(t_unlearn, 2))
+        key = (method, split)
+        best = self.kept.get(key)
+        if best is None or rank(row) < rank(best[0]):
+            self.kept[key] = (row, theta_u)  # Table 1 needs the unmixed model of the pick
+        return row
+
+    def after_uwc(self, s: dict, theta_u: dict) -> dict:
+        """UWC's search for lam* on the held-out retain rows, then the four ES values at lam*."""
         theta_o = self.ref_model.state_dict()
         probes = {}
 
@@ -251,29 +261,30 @@ class Sweep:
         lam, _ = uwc.search(retain_es, s["target"])
         uwc.mix_state_(self.model, theta_o, theta_u, lam)
         scores = dict(s["before"]) if lam == 0 else self.scores(s, probes.get(lam))  # lam 0: theta_o exactly
-        row = dict(method=method, split=split, params=params, lam=lam, **scores,
-                   probes=len(probes), seconds=round(time.time() - t0, 2), seconds_unlearn=round(t_unlearn, 2))
-        key = (method, split)
-        best = self.kept.get(key)
-        if best is None or rank(row) < rank(best[0]):
-            self.kept[key] = (row, theta_u)  # Table 1 needs the unmixed model of the pick
-        return row
+        return dict(lam=lam, **scores, probes=len(probes))
 
-    def table1_row(self, method: str, split: str, params: dict, fq_ref) -> dict:
-        """The full evaluation (ES, MU, FQ) of the unmixed model at `params` (method None: the original)."""
+    def pick_weights(self, method: str, split: str, params: dict, seed: int) -> dict:
+        """theta_u of a pick with an unlearning seed: the grid's kept weights at the grid's seed, else
+        its run made again (the same seed gives the same weights), its logs in runs/<name>-seed<seed>."""
+        kept = self.kept.get((method, split))
+        if seed == self.args.seed and kept is not None and kept[0]["params"] == params:
+            return kept[1]
+        run_dir = self.runs / f"{name_of(method, split, params)}-seed{seed}"
+        if seed == self.args.seed:  # resumed: the grid's run is not repeated on disk, only in memory
+            run_dir = self.runs.parent / "scratch" / name_of(method, split, params)  # beside its row, not over it
+        theta_u = self.unlearn(method, split, params, run_dir, self.args.keep and seed != self.args.seed, seed)
+        if seed == self.args.seed:
+            shutil.rmtree(run_dir)  # the logs of a run of ours, made just now
+            with suppress(OSError):
+                run_dir.parent.rmdir()
+        return theta_u
+
+    def table1_row(self, method: str, split: str, params: dict, fq_ref, theta_u: dict = None) -> dict:
+        """The full evaluation (ES, MU, FQ) of the unmixed model theta_u (method None: the original)."""
         s = self.split(split)
         if method is None:
             reset_(self.model, self.ref_model)
         else:
-            kept = self.kept.get((method, split))
-            if kept is not None and kept[0]["params"] == params:
-                theta_u = kept[1]
-            else:  # resumed: the pick's weights were not kept, so its run is made again (same seed, same weights)
-                scratch = self.runs.parent / "scratch" / name_of(method, split, params)  # beside its row, not over it
-                theta_u = self.unlearn(method, split, params, scratch, False)
-                shutil.rmtree(scratch)  # the logs of a run of ours, made just now
-                with suppress(OSError):
-                    scratch.parent.rmdir()
             uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
         res = eval_tofu.evaluate(self.model, self.tokenizer, s["sets"], self.template, self.args.batch_size,
                                  progress=False, with_eos=self.args.es_eos)
@@ -324,11 +335,6 @@ HEAD = "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | E
 
 def fmt(v):
     return "n/a" if v is None else f"{v:.4f}"
-
-
-def fmt_fq(row):
-    """log10 FQ of a Table 1 row: the number, its bound where p was 0 ("< -300"), or n/a."""
-    return row.get("log10_forget_quality_bound") or fmt(row["log10_forget_quality"])
 
 
 def tuning_tables(rows: list, layers: dict) -> list:
@@ -399,25 +405,87 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
         settings=settings(sweep), rmu_layers=sweep.layers, before=before, rows=rows,
         best={f"{m}/{sp}": p for (m, sp), p in picks.items()}))
     if table1:
+        cells = table1_cells(table1)
+        seeds = sorted({r["seed"] for r in table1 if r["method"] is not None})
         t = ["| setup | method | params " + HEAD + " MU ↑ | log10 FQ ↑ |", "| --- " * 9 + "|"]
         uwc_t = ["| setup | method | params " + HEAD + " λ* |", "| --- " * 8 + "|"]
-        by_key = {(r["method"], r["split"], json.dumps(r["params"])): r for r in rows}
-        for r in table1:
-            p = ", ".join(f"{k} {v:g}" for k, v in r["params"].items())
-            name = "before unlearning" if r["method"] is None else NAMES[r["method"]]
-            t.append(f"| {r['split']} | {name} | {p} | " + " | ".join(fmt(r[c]) for c in COLS)
-                     + f" | {fmt(r['model_utility'])} | {fmt_fq(r)} |")
-            u = by_key.get((r["method"], r["split"], json.dumps(r["params"])))
-            if r["method"] is None:
-                uwc_t.append(f"| {r['split']} | before unlearning | | " + " | ".join(fmt(r[c]) for c in COLS) + " | |")
-            elif u is not None:
-                uwc_t.append(f"| {r['split']} | {name} | {p} | " + " | ".join(fmt(u[c]) for c in COLS)
-                             + f" | {u['lam']:.2f} |")
-        text = ["# Table 1 as the paper builds it: each method at its pick, unmixed, with KL\n"] + t + [
+        for c in cells:
+            p = ", ".join(f"{k} {v:g}" for k, v in c["params"].items())
+            name = "before unlearning" if c["method"] is None else NAMES[c["method"]]
+            show = lambda k, where="unmixed": fmt_cell(c[where][k])
+            t.append(f"| {c['split']} | {name} | {p} | " + " | ".join(show(k) for k in COLS)
+                     + f" | {show('model_utility')} | {show('log10_forget_quality')} |")
+            after = "unmixed" if c["method"] is None else "uwc"  # before unlearning: no mixing
+            uwc_t.append(f"| {c['split']} | {name} | {p} | " + " | ".join(show(k, after) for k in COLS)
+                         + f" | {'' if c['method'] is None else show('lam', 'uwc')} |")
+        how = (f"the mean over the unlearning seeds {', '.join(map(str, seeds))}, with "
+               + ("their range [min, max]" if len(seeds) < SD_FROM else "their sd") if len(seeds) > 1 else
+               f"one unlearning seed ({seeds[0]})" if seeds else "")
+        text = ["# Table 1 as the paper builds it: each method at its pick, unmixed, with KL\n",
+                f"Each cell: {how}; the model before unlearning has no seed.\n" if how else ""] + t + [
             "\n# The same picks after UWC (this project's comparison at equal retention, not the paper's Table 1)\n"
         ] + uwc_t
         atomic_text(root / "table1.md", "\n".join(text) + "\n")
-        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), rows=table1))
+        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), seeds=seeds, cells=cells,
+                                                             rows=table1))
+
+
+# ----------------------------------------------------------------------------- seeds: means and spreads
+
+SD_FROM = 5  # a cell shows its sd from this many seeds on, its range (min-max) below
+T1_COLS = COLS + ("model_utility", "log10_forget_quality")
+
+
+def stats(values: list, below: int = 0) -> dict:
+    """Mean, sample sd, min and max of one cell's per-seed values (n: how many). `below`: the seeds whose
+    log10 FQ is below -300 (a p-value of 0), given as None; a None leaves the cell without a mean."""
+    xs = [v for v in values if v is not None]
+    out = dict(n=len(values), values=values, mean=None, sd=None, min=None, max=None, below=below)
+    if xs and len(xs) == len(values):
+        mean = math.fsum(xs) / len(xs)
+        sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+        out.update(mean=mean, sd=sd, min=min(xs), max=max(xs))
+    return out
+
+
+def fmt_cell(st: dict) -> str:
+    """A cell of Table 1: the value (one seed), or the mean with its range [min, max] (fewer than SD_FROM
+    seeds) or its sd."""
+    if st["below"]:
+        return "< -300" if st["below"] == st["n"] else f"< -300 in {st['below']} of {st['n']} seeds"
+    if st["n"] == 1 or st["mean"] is None:
+        return fmt(st["mean"])
+    if st["n"] < SD_FROM:
+        return f"{st['mean']:.4f} [{st['min']:.4f}, {st['max']:.4f}]"
+    return f"{st['mean']:.4f} ± {st['sd']:.4f}"
+
+
+def table1_cells(table1: list) -> list:
+    """One cell per (split, method) of Table 1's per-seed rows: the stats of every column, unmixed and
+    (for a method) after UWC, in the rows' order."""
+    groups = {}
+    for r in table1:
+        groups.setdefault((r["split"], r["method"]), []).append(r)
+    cells = []
+    for (split, method), rs in groups.items():
+        unmixed = {k: stats([r[k] for r in rs]) for k in T1_COLS}
+        unmixed["log10_forget_quality"]["below"] = sum(bool(r["log10_forget_quality_bound"]) for r in rs)
+        cell = dict(split=split, method=method, params=rs[0]["params"], seeds=[r.get("seed") for r in rs],
+                    unmixed=unmixed)
+        if method is not None:
+            cell["uwc"] = {k: stats([r["uwc"][k] for r in rs]) for k in ("lam",) + COLS}
+        cells.append(cell)
+    return cells
+
+
+def beyond_noise(xs: list, ys: list) -> int:
+    """The rule every comparison of methods here follows: a difference counts only when the per-seed
+    values of the two do not overlap at all (every x above every y: 1; every x below every y: -1);
+    otherwise 0, within the noise. Were the two methods alike, all 3 seeds of one above all 3 of the
+    other would happen by chance with probability 2/20 = 0.1 (5 seeds each: 2/252, 0.008)."""
+    if None in xs or None in ys:
+        return 0
+    return 1 if min(xs) > max(ys) else -1 if max(xs) < min(ys) else 0
 
 
 def figure(path: Path, title: str, param: str, by_split: dict, before: dict):
@@ -510,7 +578,9 @@ def main(argv=None):
     a("--tol", type=float, default=None, help="UWC's allowed drop of retain ES-exact (default: the preset's)")
     a("--lr", type=float, default=None, help="unlearning learning rate (default: the preset's)")
     a("--epochs", type=float, default=None, help="unlearning epochs (default: the preset's, 5)")
-    a("--seed", type=int, default=0, help="random seed of every configuration")
+    a("--seed", type=int, default=0, help="random seed of every configuration of the grid")
+    a("--seeds", type=int, default=3, help="Table 1: each pick is run with the unlearning seeds --seed, --seed + 1, "
+                                           "... (this many): each cell is their mean, with their spread")
     a("--batch-size", type=int, default=64, help="rows per forward pass of the evaluation")
     a("--retain-model", default=None, help="retain-only model for Forget Quality ({split} is replaced by the "
                                            "split; default for tiny on the built-in set: out/tiny/retainXX)")
@@ -533,6 +603,8 @@ def main(argv=None):
             raise common.UsageError("give --retain-model or --retain-stats, not both")
         if args.tol is not None and not 0 <= args.tol < 1:
             raise common.UsageError(f"--tol must be in [0, 1), got {args.tol}")
+        if args.seeds < 1:
+            raise common.UsageError(f"--seeds must be >= 1, got {args.seeds}")
         if args.batch_size < 1 or (args.lr is not None and not args.lr > 0) or (
                 args.epochs is not None and not args.epochs > 0):
             raise common.UsageError("--batch-size must be >= 1 and --lr, --epochs positive")
@@ -589,16 +661,20 @@ def main(argv=None):
     t1_dir = root / "table1"
     t1_dir.mkdir(exist_ok=True)
 
-    def t1_row(m, sp):
-        """Table 1's row on disk for these settings, or None."""
-        f = t1_dir / f"{sp}-{m or 'before'}.json"
+    seeds = [args.seed + k for k in range(args.seeds)]  # Table 1's unlearning seeds; the grid's is the first
+    t1_file = lambda m, sp, seed: t1_dir / (f"{sp}-before.json" if m is None else f"{sp}-{m}-seed{seed}.json")
+
+    def t1_row(m, sp, seed=None):
+        """Table 1's row on disk for these settings (and this seed), or None."""
+        f = t1_file(m, sp, seed)
         old = json.loads(f.read_text()) if f.is_file() else None
         return old if old is not None and old.pop("settings") == want else None
 
-    t1_todo = 0 if args.no_table1 else sum(t1_row(m, sp) is None for sp in splits for m in (None,) + methods)
+    t1_todo = 0 if args.no_table1 else sum(t1_row(m, sp, seed) is None for sp in splits for m in (None,) + methods
+                                           for seed in ([None] if m is None else seeds))
     from tqdm import tqdm
-    print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; "
-          f"{t1_todo} full evaluations for Table 1", flush=True)
+    print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; {t1_todo} full evaluations "
+          f"for Table 1 (unlearning seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})", flush=True)
     bar = tqdm(total=len(todo) + t1_todo, desc="sweep", unit="run", dynamic_ncols=True)
     current, refs = None, {}
     try:
@@ -615,17 +691,30 @@ def main(argv=None):
                     bar.write(f"{current.name}: λ* {row['lam']:.2f} | ES-exact unlearn {row['es_exact_unlearn']:.4f}"
                               f" | retain {row['es_exact_retain']:.4f} | {row['seconds']:.0f} s")
                 current = None
-                params = {} if m is None else min([r for r in rows if r["method"] == m and r["split"] == sp],
-                                                  key=rank)["params"]
-                old = t1_row(m, sp)
-                if not args.no_table1 and (old is None or old["params"] != params):
+                grid_row = None if m is None else min([r for r in rows if r["method"] == m and r["split"] == sp],
+                                                      key=rank)
+                params = {} if m is None else grid_row["params"]
+                for seed in [None] if m is None else seeds:  # the pick with each unlearning seed
+                    old = t1_row(m, sp, seed)
+                    if args.no_table1 or (old is not None and old["params"] == params):
+                        continue
                     if old is not None:  # the pick moved (more rows on disk): its row is made again
                         bar.total += 1
-                    bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}")
+                    bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}"
+                                        + ("" if m is None else f" seed {seed}"))
                     if sp not in refs:
                         refs[sp] = fq_reference(sweep, sp)
-                    r = sweep.table1_row(m, sp, params, refs[sp])
-                    eval_tofu.write_json(str(t1_dir / f"{sp}-{m or 'before'}.json"), dict(r, settings=want))
+                    if m is None:
+                        r = sweep.table1_row(None, sp, params, refs[sp])
+                    else:
+                        current = None if seed == args.seed else sweep.runs / f"{name_of(m, sp, params)}-seed{seed}"
+                        theta_u = sweep.pick_weights(m, sp, params, seed)
+                        # after UWC: the grid's row at the grid's seed, else UWC's search on this seed's weights
+                        u = grid_row if seed == args.seed else sweep.after_uwc(sweep.split(sp), theta_u)
+                        r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
+                                 uwc={k: u[k] for k in ("lam",) + COLS})
+                        current = None
+                    eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want))
                     bar.update(1)
                 sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
     except KeyboardInterrupt:
@@ -655,9 +744,11 @@ def main(argv=None):
                               if same else None)
     for sp in {r["split"] for r in all_rows}:
         sweep.split(sp)  # the before-unlearning levels of every split on disk, for the tables
-    t1_all = [r for r in (t1_row(m, sp) for sp in common.SPLITS for m in (None,) + METHODS) if r is not None and (
+    t1_all = [r for r in (t1_row(m, sp, seed) for sp in common.SPLITS for m in (None,) + METHODS
+                          for seed in ([None] if m is None else seeds)) if r is not None and (
         r["method"] is None or picks.get((r["method"], r["split"]), {}).get("params") == r["params"])]
-    order = lambda r: (common.SPLITS.index(r["split"]), -1 if r["method"] is None else METHODS.index(r["method"]))
+    order = lambda r: (common.SPLITS.index(r["split"]), -1 if r["method"] is None else METHODS.index(r["method"]),
+                       r.get("seed", -1))
     by_grid = lambda r: (METHODS.index(r["method"]), common.SPLITS.index(r["split"]), tuple(r["params"].values()))
     write_outputs(root, sweep, sorted(all_rows, key=by_grid), picks,
                   sorted(t1_all, key=order))

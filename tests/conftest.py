@@ -6,6 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402,F401  first: it sets the reproducible CPU arithmetic before torch computes anything
 
 
 def tofu_folder(environ=os.environ) -> Path:
@@ -64,9 +65,10 @@ def run_main(script, *args, merged=False):
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), "" if merged else err.getvalue())
 
 
-def run_script(*args, timeout=600):
-    """Run a project script in a subprocess from the project root; returns CompletedProcess."""
+def run_script(*args, timeout=600, env=None):
+    """Run a project script in a subprocess from the project root (`env`: its environment, default
+    this one's); returns CompletedProcess."""
     import subprocess
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)

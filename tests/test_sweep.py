@@ -54,7 +54,7 @@ def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
     out = tmp_path / "sw"
     # one configuration (the pick among several, ties included: test_rank_...); UWC with no tolerance,
     # so that lam* < 1 and Table 1's unmixed row differs from UWC's
-    r = run_main("sweep.py", "--method", "npo", "--split", "forget01", "--grid", "0.5", "--tol", "0",
+    r = run_main("sweep.py", "--method", "npo", "--split", "forget01", "--grid", "0.5", "--tol", "0", "--seeds", "1",
                  "--keep", "--retain-stats", str(tmp_path / "stats-{split}.json"), "--out", str(out))
     assert r.returncode == 0, r.stderr
     sw = json.load(open(out / "sweep.json"))
@@ -191,9 +191,62 @@ def test_table1_after_a_grid_run_earlier_keeps_its_rows(tmp_path):
     common = ["sweep.py", "--method", "ga", "--split", "forget01", "--out", str(out)]
     assert run_main(*common, "--no-table1").returncode == 0
     first = rows(out)
-    r = run_main(*common, "--retain-stats", retain_stats(tmp_path / "stats.json"))
+    r = run_main(*common, "--seeds", "1", "--retain-stats", retain_stats(tmp_path / "stats.json"))
     assert r.returncode == 0, r.stderr
     assert "1 configurations, 1 already done" in r.stdout and rows(out) == first
     assert (out / "runs" / "ga-forget01" / "row.json").is_file() and not (out / "scratch").exists()
     t1 = json.load(open(out / "table1.json"))["rows"]
     assert t1[1]["method"] == "ga" and t1[1]["es_exact_unlearn"] == first[0]["es_exact_unlearn"]  # lam* 1 here
+
+
+def test_seeds_give_table1_its_means_and_spreads(tmp_path):
+    """--seeds 2: the pick is run again with seed 1; its Table 1 row is eval_tofu.py on that unmixed
+    model and its after-UWC row uwc.py on it, and each cell holds both seeds' values, their mean and
+    range. The grid ran with seed 0 only."""
+    stats = retain_stats(tmp_path / "stats-forget01.json")
+    out = tmp_path / "sw"
+    r = run_main("sweep.py", "--method", "wga", "--split", "forget01", "--grid", "5", "--tol", "0.02", "--seeds", "2",
+                 "--keep", "--retain-stats", str(tmp_path / "stats-{split}.json"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "(unlearning seeds 0, 1)" in r.stdout and len(rows(out)) == 1
+    t1 = json.load(open(out / "table1.json"))
+    assert t1["seeds"] == [0, 1] and [(x["method"], x.get("seed")) for x in t1["rows"]] == [
+        (None, None), ("wga", 0), ("wga", 1)]
+    seed1 = out / "runs" / (sweep.name_of("wga", "forget01", {"alpha": 5.0}) + "-seed1")
+    assert json.load(open(seed1 / "args.json"))["seed"] == 1
+    r = run_main("eval_tofu.py", "--model", str(seed1), "--split", "forget01", "--retain-stats", stats,
+                 "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(tmp_path / "eval.json"))["summary"]
+    row0, row1 = t1["rows"][1], t1["rows"][2]
+    for k in SCORES + ("model_utility", "log10_forget_quality"):
+        assert row1[k] == pytest.approx(summary[k], abs=1e-12), k
+    r = run_main("uwc.py", "--model", str(seed1), "--split", "forget01", "--tol", "0.02", "--retain-stats", stats)
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(tmp_path / "sw" / "runs" / (seed1.name + "-uwc") / "uwc.json"))
+    assert row1["uwc"]["lam"] == res["lam"] and all(row1["uwc"][k] == res["summary"][k] for k in SCORES)
+    assert row0["uwc"]["es_exact_unlearn"] == rows(out)[0]["es_exact_unlearn"]  # seed 0: the grid's own row
+    assert row0["es_exact_retain"] != row1["es_exact_retain"]  # another seed, another model
+    cell = next(c for c in t1["cells"] if c["method"] == "wga")
+    x = [row0["es_exact_retain"], row1["es_exact_retain"]]
+    st = cell["unmixed"]["es_exact_retain"]
+    assert st["values"] == x and st["mean"] == pytest.approx((x[0] + x[1]) / 2)
+    assert st["sd"] == pytest.approx(abs(x[0] - x[1]) / 2 ** 0.5) and (st["min"], st["max"]) == (min(x), max(x))
+    md = (out / "table1.md").read_text()
+    assert f"| {st['mean']:.4f} [{min(x):.4f}, {max(x):.4f}] |" in md and "unlearning seeds 0, 1" in md
+
+
+def test_beyond_noise_needs_ranges_that_do_not_overlap():
+    assert sweep.beyond_noise([0.5, 0.6, 0.7], [0.1, 0.2, 0.49]) == 1
+    assert sweep.beyond_noise([0.1, 0.2, 0.3], [0.31, 0.9, 0.5]) == -1
+    assert sweep.beyond_noise([0.1, 0.5, 0.3], [0.4, 0.9, 0.6]) == 0  # 0.5 above 0.4: overlapping
+    assert sweep.beyond_noise([0.2, 0.3], [0.3, 0.4]) == 0  # a shared value is no difference
+    assert sweep.beyond_noise([None, 0.1], [0.5, 0.6]) == 0  # an FQ below -300 is not a number to compare
+
+
+def test_cells_show_the_range_below_five_seeds_and_the_sd_from_five():
+    assert sweep.fmt_cell(sweep.stats([0.1, 0.3, 0.2])) == "0.2000 [0.1000, 0.3000]"
+    st = sweep.stats([0.1, 0.3, 0.2, 0.4, 0.5])
+    assert sweep.fmt_cell(st) == f"0.3000 ± {0.1581:.4f}" and st["sd"] == pytest.approx(0.158113883)
+    assert sweep.fmt_cell(sweep.stats([0.25])) == "0.2500"
+    assert sweep.fmt_cell(sweep.stats([None, -2.0, None], below=2)) == "< -300 in 2 of 3 seeds"
