@@ -573,8 +573,8 @@ def tokens(run_dirs, out, rows, epochs, scale="run") -> str:
 def delta(run_dirs, out, dpi=110) -> str:
     """`delta`: per run, the actual change of R(D_u) (red) and of R(D_r) (blue) at each measured step,
     solid, with the paper's prediction -lr e (dotted) and the real update's grad R . (theta_t+1 - theta_t)
-    (dashed) over it (geffect.jsonl's "delta": --geffect-order 1 or 2); a row per --reg (sorted), a column
-    per method (in the order given). Returns the path written (figure_path)."""
+    (dashed) over it (geffect.jsonl's "delta": --geffect-order 1 or 2), on a symlog scale; a row per --reg
+    (sorted), a column per method (in the order given). Returns the path written (figure_path)."""
     runs, cells = [], {}
     for d in run_dirs:
         rows, _ = read_run(d)
