@@ -20,10 +20,11 @@ Sweep: the paper's experimental protocol, in its two stages (Section 5, Appendix
 
 Everything goes to --out (default out/sweep/<preset>/): sweep.json (every row and the picks),
 tables.md (Tables 2-10 in the paper's layout), table1.md / table1.json, and one figure per
-tuning table (tuning-<method>[-<fixed param>].png). One process: the original model, the data
-and the reference model are loaded once; each configuration starts from the original weights,
-runs the method script's own loop in memory (its main() with `loaded`) and is mixed in memory
-with theta_o, which the frozen reference model holds. A configuration's row is written
+tuning table (tuning-<method>[-<fixed param>].png; `python figures.py tuning FOLDER` redraws them
+from sweep.json). One process: the original model, the data and the reference model are loaded
+once; each configuration starts from the original weights, runs the method script's own loop in
+memory (its main() with `loaded`) and is mixed in memory with theta_o, which the frozen reference
+model holds. A configuration's row is written
 atomically to runs/<name>/row.json as soon as it is done, so a killed sweep started again with
 the same flags skips what is finished and redoes the configuration it was in; a NaN loss or
 metric stops it the same way, in one line naming the configuration (exit status 1). Unlearned
@@ -337,29 +338,6 @@ def fmt(v):
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def tuning_tables(rows: list, layers: dict) -> list:
-    """Tables 2-10 of what is on disk: (title, swept param, method, fixed params, {split: [rows sorted
-    by the swept param]})."""
-    out = []
-    specs = [("wga", "alpha", {}), ("npo", "beta", {}), ("tnpo", "beta", {})]
-    specs += [("wtnpo", "beta", dict(alpha=a)) for a in sorted({r["params"]["alpha"] for r in rows
-                                                                if r["method"] == "wtnpo"})]
-    specs += [("rmu", "c", dict(layer=l)) for l in sorted({r["params"]["layer"] for r in rows if r["method"] == "rmu"})]
-    where = {v: k for k, v in layers.items()}
-    for method, param, fixed in specs:
-        sel = [r for r in rows if r["method"] == method and all(r["params"].get(k) == v for k, v in fixed.items())]
-        if not sel:
-            continue
-        title = NAMES[method] + "".join(f" ({k} = {v:g})" for k, v in fixed.items() if k != "layer")
-        if "layer" in fixed:
-            title += f" (hidden state {fixed['layer']}" + (f", {where[fixed['layer']]})" if fixed["layer"] in where
-                                                          else ")")
-        by_split = {sp: sorted([r for r in sel if r["split"] == sp], key=lambda r: r["params"][param])
-                    for sp in common.SPLITS if any(r["split"] == sp for r in sel)}
-        out.append((title, param, method, fixed, by_split))
-    return out
-
-
 def paper_table(method: str, fixed: dict, layers: dict):
     """The number of the paper's table that a tuning table corresponds to, or None."""
     if method in ("wga", "npo", "tnpo"):
@@ -372,14 +350,16 @@ def paper_table(method: str, fixed: dict, layers: dict):
 
 
 def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: list):
-    """sweep.json, tables.md, table1.md/.json and the figures, each written atomically."""
+    """sweep.json, tables.md, table1.md/.json and the figures (figures.py, from sweep.json), each written
+    atomically."""
+    import figures  # matplotlib, only when a sweep writes its outputs
     before = {sp: s["before"] for sp, s in sweep.splits.items()}
-    tables = tuning_tables(rows, sweep.layers)
+    tables = figures.tuning_tables(rows, sweep.layers)
     md = [f"# UWC tuning ({sweep.preset or sweep.path}, data {sweep.data}, KL, tol {sweep.tol:g})\n",
           "Values after UWC (the paper's Appendix G layout); λ* is the mixing weight UWC found.\n"]
     for title, param, method, fixed, by_split in tables:
         number = paper_table(method, fixed, sweep.layers)
-        stem = "tuning-" + "-".join([method] + [f"{k}{v:g}" for k, v in fixed.items()])
+        stem = figures.tuning_name(method, fixed)
         md += [f"## {title}" + (f" (the paper's Table {number})" if number else "") + "\n",
                f"![{title}]({stem}.png)\n", f"| setup | {param} {HEAD} λ* |", "| --- " * 7 + "|"]
         for sp, rs in by_split.items():
@@ -389,7 +369,6 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
             md += [f"| {sp} | {r['params'][param]:g} | " + " | ".join(fmt(r[c]) for c in COLS) + f" | {r['lam']:.2f} |"
                    for r in rs]
         md.append("")
-        figure(root / f"{stem}.png", title, param, by_split, before)
     md += ["## The picks\n", "The lowest unlearn ES-exact after UWC (ties: ES-perturb, then retain ES-exact), "
            "against the paper's stated default (Section 5) and its value in the grid, where the grid has it.\n",
            "| split | method | pick | ES-exact unlearn | paper's default | ES-exact unlearn | same |",
@@ -404,6 +383,8 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
     eval_tofu.write_json(str(root / "sweep.json"), dict(
         settings=settings(sweep), rmu_layers=sweep.layers, before=before, rows=rows,
         best={f"{m}/{sp}": p for (m, sp), p in picks.items()}))
+    if tables:
+        figures.tuning(root)  # one per tuning table, drawn from the sweep.json just written
     if table1:
         cells = table1_cells(table1)
         seeds = sorted({r["seed"] for r in table1 if r["method"] is not None})
@@ -486,41 +467,6 @@ def beyond_noise(xs: list, ys: list) -> int:
     if None in xs or None in ys:
         return 0
     return 1 if min(xs) > max(ys) else -1 if max(xs) < min(ys) else 0
-
-
-def figure(path: Path, title: str, param: str, by_split: dict, before: dict):
-    """Unlearn ES-exact and ES-perturb after UWC against the hyper-parameter, one line per split,
-    the original model's level dashed in the split's colour."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for ax, col, label in zip(axes, ("es_exact_unlearn", "es_perturb_unlearn"), ("ES-exact", "ES-perturb")):
-        for k, (sp, rs) in enumerate(by_split.items()):
-            color = f"C{k}"
-            ax.plot([r["params"][param] for r in rs], [r[col] for r in rs], "o-", color=color, label=sp)
-            if sp in before:
-                ax.axhline(before[sp][col], color=color, ls="--", lw=1, label=f"{sp} before unlearning")
-        values = sorted({r["params"][param] for rs in by_split.values() for r in rs})
-        if values[0] > 0:
-            ax.set_xscale("log")
-        else:  # RMU's c = 0 (the random target at the origin)
-            ax.set_xscale("symlog", linthresh=1)
-        ax.set_xticks(values, [f"{v:g}" for v in values], fontsize=7)
-        ax.minorticks_off()
-        ax.set_xlabel(param)
-        ax.set_title(f"{label} unlearn after UWC ↓")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("ES on the forget rows")
-    fig.suptitle(title)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12 if len(labels) > 3 else 0.08, 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def atomic_text(path: Path, text: str):

@@ -12,9 +12,9 @@ of the built-in set, with KL and without a regularizer, 20 steps, every step mea
     python benchmarks/geffect_delta.py               # 14 runs, ~15 minutes on 2 cores -> docs/geffect_delta.{json,png}
     python benchmarks/geffect_delta.py --from-runs   # the summary and the figure again, from the runs in out/
 
-Runs go to out/figures/delta-<method>-<reg>. The figure has the layout of the paper's Figure 3,
-one column per method: the actual change of R(D_u) (red) and of R(D_r) (blue), solid, with the
-paper's prediction (dotted) and the real update's (dashed) over it.
+Runs go to out/figures/delta-<method>-<reg>. The figure (`python figures.py delta RUN...`) has the
+layout of the paper's Figure 3, one column per method: the actual change of R(D_u) (red) and of R(D_r)
+(blue), solid, with the paper's prediction (dotted) and the real update's (dashed) over it.
 """
 import argparse
 import json
@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import geffect  # noqa: E402
+import figures  # noqa: E402
 from geffect_paper_figures import shrink  # noqa: E402  (benchmarks/, this script's folder)
 
 METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
@@ -55,37 +55,11 @@ def summarise(rows):
     return out
 
 
-def figure(results, path):
-    plt = geffect._pyplot()  # the Agg backend, as geffect.py's figures
-    regs = sorted({reg for _, reg in results})
-    fig, axes = plt.subplots(len(regs), len(METHODS), figsize=(3.0 * len(METHODS), 3.0 * len(regs)), squeeze=False)
-    for i, reg in enumerate(regs):
-        for j, m in enumerate(METHODS):
-            ax = axes[i][j]
-            s = results[(m, reg)]
-            steps = list(range(1, len(s["unlearn"]["actual"]) + 1))
-            for d, color in (("unlearn", "tab:red"), ("retain", "tab:blue")):
-                ax.plot(steps, s[d]["actual"], "-", color=color, lw=1.8, label=f"{d}: actual")
-                ax.plot(steps, s[d]["gradient"], ":", color=color, lw=1.2, label=f"{d}: -lr e (paper)")
-                ax.plot(steps, s[d]["update"], "--", color=color, lw=1.0, label=f"{d}: grad R . update")
-            ax.axhline(0, color="black", lw=0.5)
-            ax.set_yscale("symlog", linthresh=1e-4)
-            ax.set_title(f"{m.upper()}, {reg}", fontsize=9)
-            ax.set_xlabel("step")
-            if j == 0:
-                ax.set_ylabel("change of R")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    geffect._save(fig, str(path), dpi=110)  # atomically
-    shrink(path)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from-runs", action="store_true", help="summarise the runs already in out/figures/")
     args = parser.parse_args()
-    results = {}
+    results, runs = {}, []
     for reg in ("kl", "none"):
         for m in METHODS:
             out = ROOT / "out" / "figures" / f"delta-{m}-{reg}"
@@ -93,7 +67,8 @@ def main():
                 subprocess.run([sys.executable, f"{m}.py", "--split", "forget05", "--reg", reg, "--geffect-every", "1",
                                 "--geffect-order", "2", "--no-eval", "--no-save", "--out", str(out), "--overwrite"],
                                cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-            rows, _ = geffect.read_run(out)
+            rows, _ = figures.read_run(out)
+            runs.append(out)
             results[(m, reg)] = summarise(rows)
             u, r = results[(m, reg)]["unlearn"], results[(m, reg)]["retain"]
             print(f"{m:6s} {reg:4s} sign agreement of -lr e: D_u {u['gradient_sign_agreement']:.2f} "
@@ -103,7 +78,7 @@ def main():
     tmp = docs / "geffect_delta.json.tmp"
     tmp.write_text(json.dumps({f"{m}-{reg}": v for (m, reg), v in results.items()}, indent=1) + "\n")
     os.replace(tmp, docs / "geffect_delta.json")
-    figure(results, docs / "geffect_delta.png")
+    shrink(figures.delta(runs, docs / "geffect_delta.png"))  # a column per method, a row per --reg
     lines = ["| method | reg | risk | sign agreement: -lr e / update / 2nd order | Spearman: -lr e / update / 2nd order "
              "| \\|actual\\| / \\|-lr e\\| | error of update / 2nd order | wrong sign: -lr e / update |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

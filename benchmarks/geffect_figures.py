@@ -14,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import geffect  # noqa: E402
+import figures  # noqa: E402
+from geffect import GROUPS  # noqa: E402
 
 METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
 
@@ -28,14 +29,14 @@ def main():
             out = ROOT / "out" / "figures" / f"{m}-{reg}"
             subprocess.run([sys.executable, f"{m}.py", "--split", "forget05", "--reg", reg, "--geffect-every", "1",
                             "--log-every", "1", "--out", str(out), "--overwrite"], cwd=ROOT, check=True)
-            rows, log = geffect.read_run(out)
+            rows, log = figures.read_run(out)
             summary[f"{m}-{reg}"] = dict(
                 unlearn_total=[r["unlearn"]["total"] for r in rows], retain_total=[r["retain"]["total"] for r in rows],
-                unlearn_groups={g: sum(r["unlearn"][g] for r in rows) for g in geffect.GROUPS},
-                retain_groups={g: sum(r["retain"][g] for r in rows) for g in geffect.GROUPS},
+                unlearn_groups={g: sum(r["unlearn"][g] for r in rows) for g in GROUPS},
+                retain_groups={g: sum(r["retain"][g] for r in rows) for g in GROUPS},
                 forget_nll=[x["forget_nll"] for x in log], retain_nll=[x["retain_nll"] for x in log])
             runs.append(out)
-        geffect.plot(runs, ROOT / "docs" / f"geffect_{reg}.png", symlog=True)
+        figures.geffect(runs, ROOT / "docs" / f"geffect_{reg}.png", symlog=True)
     (ROOT / "docs" / "geffect_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for k, s in summary.items():
         print(f"{k:12s} sum e_u {sum(s['unlearn_total']):+.3e}  sum e_r {sum(s['retain_total']):+.3e}  "

@@ -1,6 +1,6 @@
 """
 The paper's other G-effect figures on forget05 of the built-in set (tiny model, 20 steps, every
-step measured), drawn by `geffect.py panels` and `geffect.py pointwise` into docs/:
+step measured), drawn by `figures.py panels` and `figures.py pointwise` into docs/:
 
     OMP_NUM_THREADS=1 python benchmarks/geffect_paper_figures.py    # 15 runs: 543 s (9 min) on 2 busy cores
     python benchmarks/geffect_paper_figures.py --draw-only          # redraw from the runs already in out/figures/paper/
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import geffect  # noqa: E402
+import figures  # noqa: E402
 
 RUNS_DIR = ROOT / "out" / "figures" / "paper"
 COMMON = ["--split", "forget05", "--no-eval", "--no-save", "--geffect-every", "1", "--log-every", "1", "--overwrite"]
@@ -70,13 +70,13 @@ def main():
     docs = ROOT / "docs"
     npo = [RUNS_DIR / f"npo-beta{b}" for b in BETAS]
     made = [
-        geffect.panels(npo, docs / "geffect_npo_beta.png", cols_key="beta", symlog=True),
-        geffect.pointwise(npo, docs / "geffect_npo_pointwise.png", steps=(5, 10, 15), symlog=True),
-        geffect.pointwise([RUNS_DIR / "npo-beta1"], docs / "geffect_npo_pointwise_steps.png", steps=(5, 10, 15),
+        figures.panels(npo, docs / "geffect_npo_beta.png", cols_key="beta", symlog=True),
+        figures.pointwise(npo, docs / "geffect_npo_pointwise.png", steps=(5, 10, 15), symlog=True),
+        figures.pointwise([RUNS_DIR / "npo-beta1"], docs / "geffect_npo_pointwise_steps.png", steps=(5, 10, 15),
                           separate=True, symlog=True),
-        geffect.panels([RUNS_DIR / f"rmu-layer{layer}-c{c}" for layer in LAYERS for c in CS], docs / "geffect_rmu.png",
+        figures.panels([RUNS_DIR / f"rmu-layer{layer}-c{c}" for layer in LAYERS for c in CS], docs / "geffect_rmu.png",
                        rows_key="layer", cols_key="c", symlog=True),
-        geffect.panels([RUNS_DIR / f"npo-{r}" for r in ("gd", "kl", "rr")], docs / "geffect_reg.png", cols_key="reg",
+        figures.panels([RUNS_DIR / f"npo-{r}" for r in ("gd", "kl", "rr")], docs / "geffect_reg.png", cols_key="reg",
                        symlog=True),
     ]
     for path in made:

@@ -78,6 +78,9 @@ def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
     assert "## NPO (the paper's Table 3)" in tables
     assert all(f"| forget01 | {v} |" in tables for v in ("before unlearning", "0.5"))
     assert (out / "tuning-npo.png").stat().st_size > 10_000
+    (tmp_path / "again").mkdir()  # figures.py redraws it from sweep.json, byte for byte
+    assert run_main("figures.py", "tuning", out, "-o", tmp_path / "again").returncode == 0
+    assert (tmp_path / "again" / "tuning-npo.png").read_bytes() == (out / "tuning-npo.png").read_bytes()
 
 
 def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):

@@ -1,4 +1,4 @@
-"""--log-token-weights (wga.py, tnpo.py, wtnpo.py) and `geffect.py tokens`: the logged weights are the
+"""--log-token-weights (wga.py, tnpo.py, wtnpo.py) and `figures.py tokens`: the logged weights are the
 loss's, row by row and token by token; the page shows and escapes them; bad input writes nothing."""
 import json
 from collections import Counter
@@ -106,7 +106,7 @@ def fake_run(folder, command="tnpo.py --split forget05", epochs=(1, 2)):
 def test_page_escapes_and_shows_each_weight(tmp_path):
     fake_run(tmp_path / "run")
     page = tmp_path / "page.html"
-    r = run_main("geffect.py", "tokens", tmp_path / "run", "--rows", 0, "--epochs", 1, 2, "-o", page)
+    r = run_main("figures.py", "tokens", tmp_path / "run", "--rows", 0, "--epochs", 1, 2, "-o", page)
     assert r.returncode == 0, r.stderr
     html = page.read_text()
     assert "<b>" not in html and "&lt;b&gt;" in html and "Is 1 &lt; 2 &amp; 3 &gt; 2?" in html
@@ -140,9 +140,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, says):
     if "-o" not in args:
         args += ["-o", str(tmp_path / "page.html")]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    r = run_main("geffect.py", "tokens", *args)
+    r = run_main("figures.py", "tokens", *args)
     assert r.returncode == 2
-    assert len(r.stderr.splitlines()) == 1 and says in r.stderr and r.stderr.startswith("geffect.py: error: ")
+    assert len(r.stderr.splitlines()) == 1 and says in r.stderr and r.stderr.startswith("figures.py: error: ")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
