@@ -65,16 +65,20 @@ def read_run(run_dir) -> tuple:
     return rows, log
 
 
+def read_json(path: Path, why: str):
+    """The JSON in `path`; raises UsageError, with `why` it is needed, when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise common.UsageError(f"{path} does not exist: {why}")
+    except json.JSONDecodeError as e:
+        raise common.UsageError(f"{path} is not valid JSON: {e}")
+
+
 def read_args(run_dir) -> dict:
     """A run folder's args.json (the flags it ran with), plus `method` from its command (npo.py -> npo);
     raises UsageError when there is none."""
-    path = Path(run_dir) / "args.json"
-    try:
-        args = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise common.UsageError(f"{path} does not exist: the figure needs the flags of each run")
-    except json.JSONDecodeError as e:
-        raise common.UsageError(f"{path} is not valid JSON: {e}")
+    args = read_json(Path(run_dir) / "args.json", "the figure needs the flags of each run")
     if "command" in args:
         args = dict(method=Path(str(args["command"]).split()[0]).stem, **args)
     return args
@@ -679,12 +683,7 @@ def tuning_figure(path, title: str, param: str, by_split: dict, before: dict) ->
 def read_sweep(sweep_dir) -> dict:
     """A sweep folder's sweep.json (rows, rmu_layers, before); raises UsageError."""
     path = Path(sweep_dir) / "sweep.json"
-    try:
-        sweep = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise common.UsageError(f"{path} does not exist: give a folder sweep.py wrote")
-    except json.JSONDecodeError as e:
-        raise common.UsageError(f"{path} is not valid JSON: {e}")
+    sweep = read_json(path, "give a folder sweep.py wrote")
     if not isinstance(sweep, dict) or not {"rows", "rmu_layers", "before"} <= sweep.keys():
         raise common.UsageError(f"{path} needs rows, rmu_layers and before: is it sweep.py's?")
     return sweep

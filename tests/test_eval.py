@@ -89,34 +89,49 @@ def test_es_one_pass_equals_greedy_generation(tiny):
 
 @pytest.fixture(scope="module")
 def partly_unlearned(tiny):
-    """The tiny model after a few steps of gradient ascent (ga.ga_loss, plain SGD) on 16 forget rows,
-    taken where the first 12 held-out retain rows have at least 5 distinct ES values strictly between
-    0 and 1 under both readings: some answers gone, many half-gone. GA moves the tiny model from
-    'all kept' to 'all gone' within a step or two, and where that step falls depends on the model's
-    exact weights (they differ with the threads it was built with), so lr 2, 1, 0.5, 0.25 and up to
-    12 steps are searched, in that order."""
+    """The tiny model part-way through gradient ascent (ga.ga_loss, plain SGD) on 16 forget rows, taken
+    where the first 12 held-out retain rows have at least 5 distinct ES values strictly between 0 and 1
+    under both readings, and some still 1: some answers gone, many half-gone. GA moves the tiny model
+    from 'all kept' to 'all gone' within a step or two, so each step is also tried part-way: the
+    weights mixed between before and after it, (1 - t) theta_before + t theta_after for t = 0.1 .. 1.
+    lr 1.5, 1, 0.5 and up to 12 steps are searched, in that order."""
     import copy
     import ga
     model, tok = tiny
     forget_batch = common.collate(common.encode_rows(tok, QA, common.split_data("forget05")["forget"][:16]),
                                   tok.pad_token_id)
     rows = common.encode_rows(tok, QA, common.split_data("forget05")["retain_eval"][:12])
-    for lr in (2.0, 1.0, 0.5, 0.25):
+
+    def wanted(m):
+        for e in (0, 1):
+            es = eval_tofu.score(m.eval(), tok, rows, with_eos=e)[1]
+            mid = {v for v in es if 0 < v < 1}
+            if len(mid) < 5 or max(mid) - min(mid) <= 0.3 or 1.0 not in es:
+                return False
+        return True
+
+    mixed = copy.deepcopy(model)
+    for lr in (1.5, 1.0, 0.5):
         m = copy.deepcopy(model).train()
         for p in m.parameters():
             p.requires_grad_(True)
         opt = torch.optim.SGD(m.parameters(), lr=lr)
         for _ in range(12):
+            before = {k: v.detach().clone() for k, v in m.state_dict().items()}
             logp, mask = common.answer_logprobs(m, forget_batch)
             loss, _ = ga.ga_loss(logp, mask, mask.sum())
             opt.zero_grad()
             loss.backward()
             opt.step()
-            mids = [{v for v in eval_tofu.score(m.eval(), tok, rows, with_eos=e)[1] if 0 < v < 1} for e in (0, 1)]
-            if min(len(x) for x in mids) >= 5:
-                return m
+            after = m.state_dict()
+            with torch.no_grad():
+                for t in [k / 10 for k in range(1, 11)]:
+                    for k, v in mixed.state_dict().items():
+                        v.copy_((1 - t) * before[k] + t * after[k])
+                    if wanted(mixed):
+                        return mixed.eval()
             m.train()
-    return m.eval()  # none found: the test below fails and says so
+    return mixed.eval()  # none found: the test below fails and says so
 
 
 @pytest.mark.parametrize("with_eos", [False, True])

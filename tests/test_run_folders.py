@@ -170,7 +170,7 @@ def test_the_recorded_recipe_is_the_presets_flags(tiny_path):
     defaults and common.PRESETS['tiny'] (30 epochs at 3e-3, batch 32, the built-in sizes)."""
     assert common.read_marker(tiny_path)["recipe"] == dict(
         data="builtin", split="full", template="Question: {q}\nAnswer: {a}", lr=0.003, epochs=30, batch_size=32,
-        grad_accum=1, warmup_epochs=1, max_grad_norm=1.0, optim="adamw", max_steps=0, seed=0, version=1,
+        grad_accum=1, warmup_epochs=1, max_grad_norm=1.0, optim="adamw", max_steps=0, seed=0, version=2,
         size=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=256, vocab=2048))
 
