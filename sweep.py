@@ -608,6 +608,7 @@ def main(argv=None):
     t1_dir.mkdir(exist_ok=True)
 
     seeds = [args.seed + k for k in range(args.seeds)]  # Table 1's unlearning seeds; the grid's is the first
+    seeds_of = lambda m: [None] if m is None else seeds  # the model before unlearning has no seed
     t1_file = lambda m, sp, seed: t1_dir / (f"{sp}-before.json" if m is None else f"{sp}-{m}-seed{seed}.json")
 
     def t1_row(m, sp, seed=None):
@@ -617,7 +618,7 @@ def main(argv=None):
         return old if old is not None and old.pop("settings") == want else None
 
     t1_todo = 0 if args.no_table1 else sum(t1_row(m, sp, seed) is None for sp in splits for m in (None,) + methods
-                                           for seed in ([None] if m is None else seeds))
+                                           for seed in seeds_of(m))
     from tqdm import tqdm
     print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; {t1_todo} full evaluations "
           f"for Table 1 (unlearning seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})", flush=True)
@@ -640,7 +641,7 @@ def main(argv=None):
                 grid_row = None if m is None else min([r for r in rows if r["method"] == m and r["split"] == sp],
                                                       key=rank)
                 params = {} if m is None else grid_row["params"]
-                for seed in [None] if m is None else seeds:  # the pick with each unlearning seed
+                for seed in seeds_of(m):  # the pick with each unlearning seed
                     old = t1_row(m, sp, seed)
                     if args.no_table1 or (old is not None and old["params"] == params):
                         continue
@@ -691,7 +692,7 @@ def main(argv=None):
     for sp in {r["split"] for r in all_rows}:
         sweep.split(sp)  # the before-unlearning levels of every split on disk, for the tables
     t1_all = [r for r in (t1_row(m, sp, seed) for sp in common.SPLITS for m in (None,) + METHODS
-                          for seed in ([None] if m is None else seeds)) if r is not None and (
+                          for seed in seeds_of(m)) if r is not None and (
         r["method"] is None or picks.get((r["method"], r["split"]), {}).get("params") == r["params"])]
     order = lambda r: (common.SPLITS.index(r["split"]), -1 if r["method"] is None else METHODS.index(r["method"]),
                        r.get("seed", -1))
