@@ -1,7 +1,8 @@
 """
-Plumbing shared by every script: presets, TOFU data, tokenization and masking, per-token
-log-probabilities, optimizer and schedule, logging and atomic saving. No method logic
-lives here: each objective is written out in its own file (ga.py, wga.py, ...).
+Plumbing shared by every script, in this order: presets, errors and flags; data; models; batches and
+masking; losses and regularizers; optimizer and schedule; several processes; LoRA; run folders. No
+method logic lives here: each objective is written out in its own file (ga.py, wga.py, ...). It
+imports no script of the project: a missing tiny model is built by finetune.py in its own process.
 """
 import argparse
 import contextlib
@@ -53,6 +54,9 @@ torch.set_flush_denormal(True)
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out"  # runs and the cached tiny model (git-ignored)
 
+
+# ----------------------------------------------------------------------------- presets, errors and flags
+
 # Model presets. `path` is what gets loaded; `base` is what finetune.py starts from.
 # lr/epochs are the unlearning defaults (the paper's Section 5 for phi-1.5 and Llama-2-7B);
 # finetune_* are finetune.py's (TOFU's for the hub models; the tiny model starts from scratch).
@@ -72,28 +76,18 @@ PRESETS = {
                       finetune_lr=1e-5, finetune_epochs=5, finetune_batch=16, uwc_tol=0.05, rmu_layer=21, rmu_c=2.0,
                       lora_lr=1e-4, finetune_lora_lr=1e-4),
 }
+
 # a hub id or a local folder: these, unless the flags say otherwise
 OTHER = dict(template=QA_TEMPLATE, data="locuslab/TOFU", lr=1e-5, epochs=5, finetune_lr=1e-5,
              finetune_epochs=5, finetune_batch=16, uwc_tol=0.10, rmu_layer=None, rmu_c=4.0, lora_lr=1e-4,
              finetune_lora_lr=1e-4)
 SPLITS = ("forget01", "forget05", "forget10")
 N_EVAL = 400  # the first rows of every retain split are for evaluation only (paper, Appendix B.1)
+
 # --min-forget-es: a model before unlearning with a forget ES-exact below this hardly knows the forget set
 # (eval_tofu.check_forget_es). Not 0.5: the paper's phi-1.5 target model has 0.5969 / 0.5619 / 0.4799 on
 # forget01/05/10 (Table 1; Llama-2-7B 0.77-0.83). The tiny target model has 1.0, a 2-step fine-tune 0.0.
 MIN_FORGET_ES = 0.3
-
-# Fields every row of a config must have (the hub's schema).
-QA_FIELDS = ("question", "answer")
-PERTURBED_FIELDS = QA_FIELDS + ("paraphrased_answer", "perturbed_answer", "paraphrased_question")
-CONFIG_FIELDS = {
-    **{c: QA_FIELDS for c in ("full", "forget01", "forget05", "forget10", "retain99", "retain95", "retain90",
-                              "holdout01", "holdout05", "holdout10")},
-    **{c: PERTURBED_FIELDS for c in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed",
-                                     "retain_perturbed")},
-    **{c: QA_FIELDS + ("option1", "option2", "option3", "option4") for c in ("real_authors", "world_facts")},
-    **{c: QA_FIELDS + ("perturbed_answer",) for c in ("real_authors_perturbed", "world_facts_perturbed")},
-}
 
 
 class UsageError(Exception):
@@ -119,8 +113,6 @@ def die(msg: str, every_rank: bool = False):
     say_error(msg, every_rank)
     sys.exit(2)
 
-
-# ----------------------------------------------------------------------------- flags
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line on stderr (and exit status 2), not the usage block."""
@@ -253,8 +245,19 @@ def resolve_flags(args, finetune=False):
     return args
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------- data: TOFU's configs, from the built-in set, a folder or the hub
 
+# Fields every row of a config must have (the hub's schema).
+QA_FIELDS = ("question", "answer")
+PERTURBED_FIELDS = QA_FIELDS + ("paraphrased_answer", "perturbed_answer", "paraphrased_question")
+CONFIG_FIELDS = {
+    **{c: QA_FIELDS for c in ("full", "forget01", "forget05", "forget10", "retain99", "retain95", "retain90",
+                              "holdout01", "holdout05", "holdout10")},
+    **{c: PERTURBED_FIELDS for c in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed",
+                                     "retain_perturbed")},
+    **{c: QA_FIELDS + ("option1", "option2", "option3", "option4") for c in ("real_authors", "world_facts")},
+    **{c: QA_FIELDS + ("perturbed_answer",) for c in ("real_authors_perturbed", "world_facts_perturbed")},
+}
 _BUILTIN = None
 
 
@@ -337,7 +340,340 @@ def split_data(split: str, data: str = "builtin") -> dict:
     return dict(forget=forget, retain_train=retain[N_EVAL:], retain_eval=retain[:N_EVAL])
 
 
-# ----------------------------------------------------------------------------- tokenization
+def data_source(data: str) -> str:
+    """One name per data source: 'builtin', a hub id, or a folder's absolute real path."""
+    return os.path.realpath(os.path.expanduser(data)) if os.path.isdir(os.path.expanduser(data)) else data
+
+
+def source_slug(data: str) -> str:
+    """A folder name for a data source: a folder's name and a hash of its real path (two folders
+    named alike stay apart), a hub id as owner--name. Never a config name."""
+    src = data_source(data)
+    if os.path.isdir(src):
+        import hashlib
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(src).name) or "data"
+        return f"{name}-{hashlib.sha1(src.encode()).hexdigest()[:8]}"
+    return src.replace("/", "--")
+
+
+def missing_folder(name: str) -> bool:
+    """True for a name that can only be a local folder (a path, not a hub id owner/name) and is not there."""
+    return not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1)
+
+
+def hub_check(name: str, kind: str = "model"):
+    """Fail fast, in one line, when `name` is neither cached nor reachable on the hub: offline, the
+    hub client would otherwise retry for most of a minute before saying so. A cached copy (or
+    HF_HUB_OFFLINE=1) skips the check, so that it still loads offline."""
+    from huggingface_hub import constants, dataset_info, model_info
+    from huggingface_hub.errors import RepositoryNotFoundError
+    cached = os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}"))
+    if cached or constants.HF_HUB_OFFLINE:
+        return
+    fix = "--model tiny or a local model folder" if kind == "model" else \
+        "--data builtin or a local folder of <config>.json files"
+    try:
+        (model_info if kind == "model" else dataset_info)(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise UsageError(f"'{name}' is not a {kind} on the Hugging Face hub (or not one this login can see); "
+                         f"use {fix}")
+    except Exception as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UsageError(f"cannot reach the Hugging Face hub for {kind} '{name}' ({first}) and it is not in the "
+                         f"local cache; use {fix}")
+
+
+def _quiet_hub():
+    """The hub client's own warnings (e.g. each failed request offline) stay off stderr: a
+    failure is reported once, in our one line."""
+    from huggingface_hub.utils import logging as hub_logging
+    hub_logging.set_verbosity_error()
+
+
+# -------------------------------------------- models: where they come from (the tiny preset's builds), loading, devices
+
+def device_and_dtype():
+    """CUDA with bf16 when there is a GPU, else CPU with fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def model_path(model: str, data: str = "builtin") -> str:
+    """Where a preset, hub id or folder is loaded from; for the tiny preset, its model of `data`,
+    built when it is missing (tiny_path)."""
+    if model == "tiny":
+        return tiny_path("full", data)
+    return PRESETS[model]["path"] if model in PRESETS else model
+
+
+def tiny_dir(data: str = "builtin") -> Path:
+    """The tiny preset's models of one data source: out/tiny for the built-in set, out/tiny/<slug>
+    (source_slug) for a folder or hub id, so the sources never share a model."""
+    root = Path(PRESETS["tiny"]["path"]).parent
+    return root if data_source(data) == "builtin" else root / source_slug(data)
+
+
+# The tiny preset's own builds: finetune.py makes them, common.py checks them on every load and, for one
+# that is missing, runs finetune.py in a process of its own (common.py imports no script).
+# The tiny model's size per data source: the built-in set (1090 short rows), and any other source,
+# sized for the real TOFU (4217 rows, answers 3x as long; measured in docs/real_tofu.md).
+# The epochs and learning rate go with it: PRESETS["tiny"] (finetune_*, other_data).
+TINY_SIZES = dict(
+    builtin=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256, vocab=2048),  # ~1.8M parameters
+    other=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=512, vocab=4096),
+)
+
+# What makes a tiny build, beside its sizes: a folder of the tiny preset (tiny_dir) holds the build whose
+# recipe is the preset's, recorded in its mark (MARKER) and compared on every load.
+RECIPE_FLAGS = ("data", "split", "template", "lr", "epochs", "batch_size", "grad_accum", "warmup_epochs",
+                "max_grad_norm", "optim", "max_steps", "seed")
+RECIPE_VERSION = 2  # raise it when the build's code changes what a recipe makes (2: reproducible_cpu)
+
+
+def tiny_size(data: str) -> dict:
+    """The tiny model's architecture and vocabulary size for a data source (TINY_SIZES)."""
+    return TINY_SIZES["builtin" if data == "builtin" else "other"]
+
+
+def tiny_recipe(args) -> dict:
+    """A tiny build's recipe: the flags that shape the model, its sizes, and RECIPE_VERSION."""
+    return dict({k: getattr(args, k) for k in RECIPE_FLAGS}, size=tiny_size(args.data), version=RECIPE_VERSION)
+
+
+def preset_recipe(data: str, split: str) -> dict:
+    """The recipe of the tiny preset's own build of `split` of `data`: finetune.py's defaults (its flags
+    are the shared ones, resolved for a fine-tune)."""
+    parser = make_parser(None)
+    add_shared_flags(parser, split="full")
+    return tiny_recipe(resolve_flags(parser.parse_args(["--data", data, "--split", split]), finetune=True))
+
+
+def recipe_differs(built: dict, want: dict) -> str:
+    """What sets a recorded recipe apart from the preset's, as flags (or 'an older recipe'); '' if nothing."""
+    if built.get("version") != want["version"] or set(built) != set(want):
+        return "an older recipe"
+    diff = [k for k in want if built[k] != want[k]]
+    return ", ".join(f"--{k.replace('_', '-')} {built[k]}" if k in RECIPE_FLAGS else f"{k} {built[k]}" for k in diff)
+
+
+def check_preset_model(path, data: str, config: str):
+    """Raise UsageError unless `path` holds the tiny preset's own, finished build of `config` of `data`:
+    a shortened build (--max-steps), one made with other flags or by an older recipe, or a folder this
+    project did not write is never taken as the model before unlearning."""
+    mark = read_marker(path)
+    built = (mark or {}).get("recipe")
+    why = ("it carries no mark of this project's" if mark is None else
+           "its build did not finish" if not mark.get("complete") else
+           "it has no recorded recipe" if not isinstance(built, dict) else "")
+    if not why:
+        diff = recipe_differs(built, preset_recipe(data, config))
+        why = diff and f"it was built with {diff}"
+    if why:
+        cmd = "python finetune.py --split " + config + ("" if data == "builtin" else f" --data {data}")
+        fix = f"move it away, then rebuild it: {cmd}" if mark is None else f"rebuild it: {cmd} --overwrite"
+        raise UsageError(f"{path} is not the tiny preset's model of {config} ({why}); {fix}")
+
+
+def tiny_path(config: str, data: str = "builtin") -> str:
+    """tiny_dir(data)/<config>: the tiny model fine-tuned on `config` of `data` (full: the target
+    model; retainXX: the retain-only model of Forget Quality), built by finetune.py on first use, then
+    cached. The build says what it makes, why and about how long, then shows a progress bar. Under
+    torchrun rank 0 builds it while the others wait."""
+    path = str(tiny_dir(data) / config)
+
+    def find_or_build():
+        if os.path.isdir(path) and os.listdir(path):  # the preset's own build, or one line that says how to rebuild it
+            return check_preset_model(path, data, config)
+        load_tofu(config, data)  # bad data fails here, in one line, before a build is announced
+        t0 = time.time()
+        what = ("the tiny target model (the model before unlearning that --model tiny loads)" if config == "full" else
+                f"the tiny retain-only model of {config} (Forget Quality compares against it; "
+                f"eval_tofu.py --no-fq skips it)")
+        print(f"[tiny] no model at {path}: building {what}, from scratch on {config} of "
+              f"{'the built-in set' if data == 'builtin' else data}; it is cached for later runs", flush=True)
+        run_finetune(["--model", "tiny", "--data", data, "--split", config, "--out", path, "--log-every", "100"])
+        print(f"[tiny] built {path} in {time.time() - t0:.0f} s", flush=True)
+    rank0_first(find_or_build)
+    return path
+
+
+def run_finetune(argv: list):
+    """`python finetune.py argv` in a process of its own, always one process (torchrun's variables are
+    left out of its environment); its output is passed on as it comes, to this process's stdout and
+    stderr. A failure raises UsageError with finetune.py's own error line."""
+    import codecs
+    import subprocess
+    import threading
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    error = []
+
+    def relay(pipe, dst):
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        for chunk in iter(lambda: os.read(pipe.fileno(), 1 << 16), b""):
+            text = decode(chunk)
+            if text.startswith("finetune.py: error: "):  # said once, by the caller's UsageError
+                error.append(text.strip().removeprefix("finetune.py: error: "))
+                continue
+            dst.write(text)
+            dst.flush()
+    pairs = ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+    threads = [threading.Thread(target=relay, args=pair) for pair in pairs]
+    try:
+        for t in threads:
+            t.start()
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted here: the build stops too, and leaves no model (Run)
+            proc.terminate()
+            proc.wait()
+        for t in threads:
+            t.join()
+    if code:
+        raise UsageError(f"finetune.py {' '.join(map(str, argv))} failed: "
+                         f"{error[0] if error else f'exit status {code}, its output above says why'}")
+
+
+def run_args(path: str) -> dict:
+    """The args.json beside a model (the flags of the script that made it), or {} where there is none
+    (a hub id, a folder of one's own). Raises UsageError, naming the file, when it cannot be read, is
+    not valid JSON or is not a JSON object, or records model, data, template or split as a non-string:
+    a broken one would otherwise drop the defaults and warnings that depend on it without a word."""
+    f = os.path.join(path, "args.json")
+    if not os.path.isfile(f):
+        return {}
+    try:
+        with open(f, encoding="utf-8") as fh:
+            a = json.load(fh)
+    except OSError as e:
+        raise UsageError(f"cannot read {f}: {e.strerror}")
+    except ValueError as e:
+        raise UsageError(f"{f} is not valid JSON: {e}")
+    if not isinstance(a, dict):
+        raise UsageError(f"{f} is not a JSON object (it should hold the flags of the run that made the model)")
+    bad = [k for k in ("model", "data", "template", "split") if a.get(k) is not None and not isinstance(a[k], str)]
+    if bad:
+        raise UsageError(f"{f}: '{bad[0]}' is not a string but {a[bad[0]]!r}")
+    return a
+
+
+def warn_data(path: str, data: str):
+    """One warning line on stderr when the model folder's args.json records other training data than
+    `data`: its numbers on `data` would measure a model that never saw it. A broken args.json: UsageError."""
+    trained = run_args(path).get("data")
+    if trained and data_source(trained) != data_source(data):
+        warn(f"{path} was trained on data {trained}, not on {data}: its numbers on {data} measure a model that "
+             f"never learnt that data")
+
+
+def load_tokenizer(path: str, trust_remote_code=False):
+    from transformers import AutoTokenizer
+    _quiet_hub()
+
+    def read():
+        if not os.path.isdir(path):
+            hub_check(path)
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise UsageError(_load_error("tokenizer", path, e))
+    tok = rank0_first(read)  # under torchrun the others then read the cache
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked by the attention mask and labels, never by id
+    return tok
+
+
+def load_model(path: str, trust_remote_code=False, frozen=False, lora=None):
+    """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
+    `frozen=True` gives the reference model: eval mode, no gradients. Under torchrun only rank 0
+    reads the weights; the others build an empty skeleton, and `place` shards the model and
+    broadcasts rank 0's weights into the shards (host memory for one copy, not one per process)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # keeps stderr for what matters
+    dtype = device_and_dtype()[1]
+
+    def read():
+        try:
+            if is_main():
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                            trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise UsageError(_load_error("model", path, e))
+    model = rank0_first(read)
+    if frozen:
+        model.eval().requires_grad_(False)
+    if getattr(lora, "lora_r", 0):
+        model = add_lora(model, lora)
+    return place(model)
+
+
+def _load_error(what, path, e):
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    if os.path.isdir(path):
+        return f"cannot load the {what} from folder '{path}': {first}"
+    return (f"cannot load the {what} '{path}' (not a local folder; the hub may be out of reach: {first}); "
+            f"use --model tiny or a local model folder")
+
+
+def place(model):
+    """Put `model` on this process's device: whole in a plain run, sharded with FSDP2 under torchrun."""
+    return shard_model(model) if world()[1] > 1 else model.to(device_and_dtype()[0])
+
+
+def load_for_unlearning(args, reference: bool, loaded: tuple = None):
+    """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
+    raises UsageError. A layer flag is checked against the model's depth here, and with
+    --geffect-every that the decoder layers can be found (decoder_layers). Under torchrun this
+    starts the process group and the models come back sharded (FSDP2). With --lora-r the model is
+    wrapped in adapters and the reference is the same model with them off (AdaptersOff). `loaded`: the
+    same four already in memory (sweep.py runs many configurations in one process): checked, not reloaded."""
+    init_distributed()
+    lora_r = getattr(args, "lora_r", 0)
+    if loaded is not None:
+        data, tokenizer, model, ref_model = loaded
+    else:
+        data = split_data(args.split, args.data)
+    fit_batch(args, len(data["forget"]))
+    check_micro_batches(len(data["forget"]), args)
+    if loaded is None:
+        path = model_path(args.model, args.data)
+        warn_data(path, args.data)
+        tokenizer = load_tokenizer(path, args.trust_remote_code)
+        model = load_model(path, args.trust_remote_code, lora=args)
+        if lora_r:
+            n_train, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
+                              for only in (True, False))
+            print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {args.lora_targets}: "
+                  f"{n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters train")
+    elif lora_r:
+        raise UsageError("--lora-r is for a method script run on its own, not on models passed in memory")
+    if getattr(args, "geffect_every", 0):
+        decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
+    if loaded is None:  # with LoRA, the reference is the same base weights with the adapters off
+        ref_model = None if not reference else AdaptersOff(model) if lora_r else \
+            load_model(path, args.trust_remote_code, frozen=True)
+    elif reference and ref_model is None:
+        raise UsageError("this method needs the original model as a reference, and none was passed")
+    n_layers = model.config.num_hidden_layers
+    for flag in ("rr_layer", "layer"):
+        v = getattr(args, flag, None)
+        if v is not None and not 0 <= v <= n_layers:
+            raise UsageError(f"--{flag.replace('_', '-')} {v} is out of range: the model has hidden states "
+                             f"0..{n_layers} (0 = embeddings)")
+    if args.reg == "rr" and args.rr_layer is None:
+        raise UsageError("--reg rr needs --rr-layer for a model that is not a preset")
+    return data, tokenizer, model, ref_model
+
+
+# ----------------------------------------------- batches and masking: encoding, padding, answer-token log-probabilities
 
 def encode(tokenizer, template: str, question: str, answer: str) -> dict:
     """Token ids of template(question, answer) + EOS, labels -100 on the prompt, and the
@@ -383,6 +719,11 @@ def collate(examples: list, pad_id: int, device="cpu") -> dict:
             ref[i, pos] = torch.tensor(e["ref_logp"])
         batch["ref_logp"] = ref.to(device)
     return batch
+
+
+def n_answer(examples) -> int:
+    """Answer tokens (labels other than -100) of encoded examples."""
+    return sum(sum(y != -100 for y in e["labels"]) for e in examples)
 
 
 def token_logprobs(logits, labels):
@@ -448,19 +789,6 @@ def unlearn_batches(forget: list, retain: list, args, total: int, pad_id: int, d
         yield batches, n
 
 
-def default_out(script: str, args) -> str:
-    """out/<method>-<model>-<split>, or out/<method>-<model>-<source>-<split> on data other than the
-    preset's (source_slug: a run on other data never replaces this one), unless --out says otherwise."""
-    own = data_source(args.data) == PRESETS.get(args.model, OTHER)["data"]
-    name = "-".join([Path(script).stem, args.model.replace("/", "_")] + ([] if own else [source_slug(args.data)]))
-    return args.out or str(OUT / f"{name}-{args.split}")
-
-
-def n_answer(examples) -> int:
-    """Answer tokens (labels other than -100) of encoded examples."""
-    return sum(sum(y != -100 for y in e["labels"]) for e in examples)
-
-
 @torch.no_grad()
 def add_reference_logprobs(ref_model, examples: list, pad_id: int, device, batch_size: int = 32):
     """Store the original model's answer-token log-probs in each example (`ref_logp`), once,
@@ -471,6 +799,8 @@ def add_reference_logprobs(ref_model, examples: list, pad_id: int, device, batch
         for e, lp, m in zip(chunk, logp, mask):
             e["ref_logp"] = lp[m].tolist()
 
+
+# --------------------------------------------------------- losses and regularizers: the retain side every method shares
 
 @torch.no_grad()
 def nll(model, batch: dict, n_tok: int) -> float:
@@ -506,6 +836,51 @@ def regularizer(reg: str, model, ref_model, batch: dict, n_tok: int, layer: int 
     return (dist * mask).sum() / n_tok, retain_nll.item()
 
 
+# ----------------------------------------------------------------------------- optimizer and schedule
+
+def make_optimizer(params, optim: str, lr: float):
+    """AdamW with TOFU's weight decay of 0.01, or plain SGD, over the trainable parameters."""
+    params = [p for p in params if p.requires_grad]  # with LoRA: the adapters
+    if optim == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total` (the schedule of
+    the Hugging Face Trainer that TOFU and the paper's code use)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def set_lr(optimizer, lr: float) -> float:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def check_micro_batches(n_rows: int, args):
+    """Under torchrun every micro-batch of an epoch over `n_rows` rows (the last, short batch
+    included) must have a row for each process: raises UsageError otherwise."""
+    last = n_rows % args.batch_size or args.batch_size  # an epoch's last batch may be short
+    smallest = min(b // min(args.grad_accum, b) for b in (args.batch_size, last))  # as unlearn_batches cuts them
+    if smallest < world()[1]:
+        raise UsageError(f"a micro-batch of {smallest} row(s) cannot be split over {world()[1]} processes: "
+                         f"raise --batch-size / lower --grad-accum, or use fewer processes")
+
+
+def steps_for(n_rows: int, args) -> tuple:
+    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows; checks the
+    micro-batches (check_micro_batches)."""
+    check_micro_batches(n_rows, args)
+    per_epoch = math.ceil(n_rows / args.batch_size)
+    total = max(1, math.ceil(per_epoch * args.epochs))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    return per_epoch, total, min(total, round(per_epoch * args.warmup_epochs))
+
+
 class NonFinite(Exception):
     """A NaN or infinite loss or gradient (the run stops before the step is taken), or a NaN or infinite
     value in an evaluation's mean (never counted as a number). `cli` reports it in one line, exit status 1."""
@@ -522,10 +897,9 @@ def clip_and_step(model, optimizer, max_grad_norm: float, step: int) -> float:
     return norm.item()
 
 
-def set_lr(optimizer, lr: float) -> float:
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    return lr
+def set_seed(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
@@ -533,6 +907,11 @@ def set_lr(optimizer, lr: float) -> float:
 # FSDP2 (one unit per decoder layer), each micro-batch's rows are dealt out to the processes, the
 # losses are normalised by the counts of the whole step and the gradients are summed, not averaged,
 # so a step is the same step as in one process. Only rank 0 prints, logs and saves.
+
+# what torchrun sets in each process's environment (a build that run_finetune starts is one process)
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
 
 def world() -> tuple:
     """(rank, number of processes): (0, 1) in a plain run; read from torchrun's environment
@@ -683,234 +1062,6 @@ def single_process(script: str):
         raise UsageError(f"{script} runs in one process: start it with python, not torchrun")
 
 
-# ----------------------------------------------------------------------------- models
-
-def device_and_dtype():
-    """CUDA with bf16 when there is a GPU, else CPU with fp32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    return torch.device("cpu"), torch.float32
-
-
-def load_for_unlearning(args, reference: bool, loaded: tuple = None):
-    """The data split, tokenizer, model to unlearn and (if `reference`) the frozen original model;
-    raises UsageError. A layer flag is checked against the model's depth here, and with
-    --geffect-every that the decoder layers can be found (decoder_layers). Under torchrun this
-    starts the process group and the models come back sharded (FSDP2). With --lora-r the model is
-    wrapped in adapters and the reference is the same model with them off (AdaptersOff). `loaded`: the
-    same four already in memory (sweep.py runs many configurations in one process): checked, not reloaded."""
-    init_distributed()
-    lora_r = getattr(args, "lora_r", 0)
-    if loaded is not None:
-        data, tokenizer, model, ref_model = loaded
-    else:
-        data = split_data(args.split, args.data)
-    fit_batch(args, len(data["forget"]))
-    check_micro_batches(len(data["forget"]), args)
-    if loaded is None:
-        path = model_path(args.model, args.data)
-        warn_data(path, args.data)
-        tokenizer = load_tokenizer(path, args.trust_remote_code)
-        model = load_model(path, args.trust_remote_code, lora=args)
-        if lora_r:
-            n_train, n_all = (sum(p.numel() for p in model.parameters() if p.requires_grad or not only)
-                              for only in (True, False))
-            print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {args.lora_targets}: "
-                  f"{n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters train")
-    elif lora_r:
-        raise UsageError("--lora-r is for a method script run on its own, not on models passed in memory")
-    if getattr(args, "geffect_every", 0):
-        decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
-    if loaded is None:  # with LoRA, the reference is the same base weights with the adapters off
-        ref_model = None if not reference else AdaptersOff(model) if lora_r else \
-            load_model(path, args.trust_remote_code, frozen=True)
-    elif reference and ref_model is None:
-        raise UsageError("this method needs the original model as a reference, and none was passed")
-    n_layers = model.config.num_hidden_layers
-    for flag in ("rr_layer", "layer"):
-        v = getattr(args, flag, None)
-        if v is not None and not 0 <= v <= n_layers:
-            raise UsageError(f"--{flag.replace('_', '-')} {v} is out of range: the model has hidden states "
-                             f"0..{n_layers} (0 = embeddings)")
-    if args.reg == "rr" and args.rr_layer is None:
-        raise UsageError("--reg rr needs --rr-layer for a model that is not a preset")
-    return data, tokenizer, model, ref_model
-
-
-def model_path(model: str, data: str = "builtin") -> str:
-    """Where a preset, hub id or folder is loaded from; for the tiny preset, its model of `data`,
-    built when it is missing (tiny_path)."""
-    if model == "tiny":
-        return tiny_path("full", data)
-    return PRESETS[model]["path"] if model in PRESETS else model
-
-
-def data_source(data: str) -> str:
-    """One name per data source: 'builtin', a hub id, or a folder's absolute real path."""
-    return os.path.realpath(os.path.expanduser(data)) if os.path.isdir(os.path.expanduser(data)) else data
-
-
-def source_slug(data: str) -> str:
-    """A folder name for a data source: a folder's name and a hash of its real path (two folders
-    named alike stay apart), a hub id as owner--name. Never a config name."""
-    src = data_source(data)
-    if os.path.isdir(src):
-        import hashlib
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(src).name) or "data"
-        return f"{name}-{hashlib.sha1(src.encode()).hexdigest()[:8]}"
-    return src.replace("/", "--")
-
-
-def tiny_dir(data: str = "builtin") -> Path:
-    """The tiny preset's models of one data source: out/tiny for the built-in set, out/tiny/<slug>
-    (source_slug) for a folder or hub id, so the sources never share a model."""
-    root = Path(PRESETS["tiny"]["path"]).parent
-    return root if data_source(data) == "builtin" else root / source_slug(data)
-
-
-def tiny_path(config: str, data: str = "builtin") -> str:
-    """tiny_dir(data)/<config>: the tiny model fine-tuned on `config` of `data` (full: the target
-    model; retainXX: the retain-only model of Forget Quality), made by finetune.py's code on first
-    use, then cached. The build says what it makes, why and about how long, then shows a progress bar."""
-    import finetune
-    path = str(tiny_dir(data) / config)
-    if os.path.isdir(path) and os.listdir(path):  # the preset's own build, or one line that says how to rebuild it
-        finetune.check_preset_model(path, data, config)
-    else:
-        load_tofu(config, data)  # bad data fails here, in one line, before a build is announced
-        t0 = time.time()
-        what = ("the tiny target model (the model before unlearning that --model tiny loads)" if config == "full" else
-                f"the tiny retain-only model of {config} (Forget Quality compares against it; "
-                f"eval_tofu.py --no-fq skips it)")
-        print(f"[tiny] no model at {path}: building {what}, from scratch on {config} of "
-              f"{'the built-in set' if data == 'builtin' else data}; it is cached for later runs", flush=True)
-        finetune.main(["--model", "tiny", "--data", data, "--split", config, "--out", path, "--log-every", "100"])
-        print(f"[tiny] built {path} in {time.time() - t0:.0f} s", flush=True)
-    return path
-
-
-def inside(path, folder) -> bool:
-    """True when `path` is `folder` or lies under it (symbolic links resolved)."""
-    path, folder = Path(os.path.realpath(os.path.expanduser(path))), Path(os.path.realpath(folder))
-    return path == folder or folder in path.parents
-
-
-def run_args(path: str) -> dict:
-    """The args.json beside a model (the flags of the script that made it), or {} where there is none
-    (a hub id, a folder of one's own). Raises UsageError, naming the file, when it cannot be read, is
-    not valid JSON or is not a JSON object, or records model, data, template or split as a non-string:
-    a broken one would otherwise drop the defaults and warnings that depend on it without a word."""
-    f = os.path.join(path, "args.json")
-    if not os.path.isfile(f):
-        return {}
-    try:
-        with open(f, encoding="utf-8") as fh:
-            a = json.load(fh)
-    except OSError as e:
-        raise UsageError(f"cannot read {f}: {e.strerror}")
-    except ValueError as e:
-        raise UsageError(f"{f} is not valid JSON: {e}")
-    if not isinstance(a, dict):
-        raise UsageError(f"{f} is not a JSON object (it should hold the flags of the run that made the model)")
-    bad = [k for k in ("model", "data", "template", "split") if a.get(k) is not None and not isinstance(a[k], str)]
-    if bad:
-        raise UsageError(f"{f}: '{bad[0]}' is not a string but {a[bad[0]]!r}")
-    return a
-
-
-def warn_data(path: str, data: str):
-    """One warning line on stderr when the model folder's args.json records other training data than
-    `data`: its numbers on `data` would measure a model that never saw it. A broken args.json: UsageError."""
-    trained = run_args(path).get("data")
-    if trained and data_source(trained) != data_source(data):
-        warn(f"{path} was trained on data {trained}, not on {data}: its numbers on {data} measure a model that "
-             f"never learnt that data")
-
-
-def missing_folder(name: str) -> bool:
-    """True for a name that can only be a local folder (a path, not a hub id owner/name) and is not there."""
-    return not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") != 1)
-
-
-def hub_check(name: str, kind: str = "model"):
-    """Fail fast, in one line, when `name` is neither cached nor reachable on the hub: offline, the
-    hub client would otherwise retry for most of a minute before saying so. A cached copy (or
-    HF_HUB_OFFLINE=1) skips the check, so that it still loads offline."""
-    from huggingface_hub import constants, dataset_info, model_info
-    from huggingface_hub.errors import RepositoryNotFoundError
-    cached = os.path.isdir(os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}"))
-    if cached or constants.HF_HUB_OFFLINE:
-        return
-    fix = "--model tiny or a local model folder" if kind == "model" else \
-        "--data builtin or a local folder of <config>.json files"
-    try:
-        (model_info if kind == "model" else dataset_info)(name, timeout=10)
-    except RepositoryNotFoundError:
-        raise UsageError(f"'{name}' is not a {kind} on the Hugging Face hub (or not one this login can see); "
-                         f"use {fix}")
-    except Exception as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UsageError(f"cannot reach the Hugging Face hub for {kind} '{name}' ({first}) and it is not in the "
-                         f"local cache; use {fix}")
-
-
-def _quiet_hub():
-    """The hub client's own warnings (e.g. each failed request offline) stay off stderr: a
-    failure is reported once, in our one line."""
-    from huggingface_hub.utils import logging as hub_logging
-    hub_logging.set_verbosity_error()
-
-
-def load_tokenizer(path: str, trust_remote_code=False):
-    from transformers import AutoTokenizer
-    _quiet_hub()
-
-    def read():
-        if not os.path.isdir(path):
-            hub_check(path)
-        try:
-            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise UsageError(_load_error("tokenizer", path, e))
-    tok = rank0_first(read)  # under torchrun the others then read the cache
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is masked by the attention mask and labels, never by id
-    return tok
-
-
-def load_model(path: str, trust_remote_code=False, frozen=False, lora=None):
-    """A causal LM from a folder or hub id, as safetensors only: bf16 on CUDA, fp32 on CPU.
-    `frozen=True` gives the reference model: eval mode, no gradients. Under torchrun only rank 0
-    reads the weights; the others build an empty skeleton, and `place` shards the model and
-    broadcasts rank 0's weights into the shards (host memory for one copy, not one per process)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # keeps stderr for what matters
-    dtype = device_and_dtype()[1]
-
-    def read():
-        try:
-            if is_main():
-                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                            trust_remote_code=trust_remote_code)
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        except Exception as e:
-            raise UsageError(_load_error("model", path, e))
-    model = rank0_first(read)
-    if frozen:
-        model.eval().requires_grad_(False)
-    if getattr(lora, "lora_r", 0):
-        model = add_lora(model, lora)
-    return place(model)
-
-
-def place(model):
-    """Put `model` on this process's device: whole in a plain run, sharded with FSDP2 under torchrun."""
-    return shard_model(model) if world()[1] > 1 else model.to(device_and_dtype()[0])
-
-
 # ----------------------------------------------------------------------------- LoRA (peft)
 
 def check_lora(args):
@@ -976,51 +1127,20 @@ class AdaptersOff:
         return getattr(self.model, name)
 
 
-def _load_error(what, path, e):
-    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-    if os.path.isdir(path):
-        return f"cannot load the {what} from folder '{path}': {first}"
-    return (f"cannot load the {what} '{path}' (not a local folder; the hub may be out of reach: {first}); "
-            f"use --model tiny or a local model folder")
+# -------------------------------------- run folders: written atomically, marked as ours, logged; the command-line entry
+
+def default_out(script: str, args) -> str:
+    """out/<method>-<model>-<split>, or out/<method>-<model>-<source>-<split> on data other than the
+    preset's (source_slug: a run on other data never replaces this one), unless --out says otherwise."""
+    own = data_source(args.data) == PRESETS.get(args.model, OTHER)["data"]
+    name = "-".join([Path(script).stem, args.model.replace("/", "_")] + ([] if own else [source_slug(args.data)]))
+    return args.out or str(OUT / f"{name}-{args.split}")
 
 
-# ----------------------------------------------------------------------------- optimisation
-
-def make_optimizer(params, optim: str, lr: float):
-    """AdamW with TOFU's weight decay of 0.01, or plain SGD, over the trainable parameters."""
-    params = [p for p in params if p.requires_grad]  # with LoRA: the adapters
-    if optim == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total` (the schedule of
-    the Hugging Face Trainer that TOFU and the paper's code use)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
-def check_micro_batches(n_rows: int, args):
-    """Under torchrun every micro-batch of an epoch over `n_rows` rows (the last, short batch
-    included) must have a row for each process: raises UsageError otherwise."""
-    last = n_rows % args.batch_size or args.batch_size  # an epoch's last batch may be short
-    smallest = min(b // min(args.grad_accum, b) for b in (args.batch_size, last))  # as unlearn_batches cuts them
-    if smallest < world()[1]:
-        raise UsageError(f"a micro-batch of {smallest} row(s) cannot be split over {world()[1]} processes: "
-                         f"raise --batch-size / lower --grad-accum, or use fewer processes")
-
-
-def steps_for(n_rows: int, args) -> tuple:
-    """(steps per epoch, total steps, warm-up steps) for `n_rows` training rows; checks the
-    micro-batches (check_micro_batches)."""
-    check_micro_batches(n_rows, args)
-    per_epoch = math.ceil(n_rows / args.batch_size)
-    total = max(1, math.ceil(per_epoch * args.epochs))
-    if args.max_steps:
-        total = min(total, args.max_steps)
-    return per_epoch, total, min(total, round(per_epoch * args.warmup_epochs))
+def inside(path, folder) -> bool:
+    """True when `path` is `folder` or lies under it (symbolic links resolved)."""
+    path, folder = Path(os.path.realpath(os.path.expanduser(path))), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
 
 
 def arithmetic() -> dict:
@@ -1031,13 +1151,6 @@ def arithmetic() -> dict:
                 cpu_kernels=torch.backends.cpu.get_cpu_capability(), mkl_cbwr=os.environ.get("MKL_CBWR"),
                 cpu_vendor=cpu_info()[0])
 
-
-def set_seed(seed: int):
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- runs, logs, saving
 
 # Every folder this project writes for a run carries MARKER: which script wrote it and which of its
 # entries are the run's own. That mark, not the mere presence of a config.json, is what lets a run

@@ -24,15 +24,6 @@ import torch
 
 import common
 
-# The tiny model's size per data source: the built-in set (1090 short rows), and any other source,
-# sized for the real TOFU (4217 rows, answers 3x as long; measured in docs/real_tofu.md).
-# The epochs and learning rate go with it: common.PRESETS["tiny"] (finetune_*, other_data).
-TINY_SIZES = dict(
-    builtin=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
-                 num_key_value_heads=4, max_position_embeddings=256, vocab=2048),  # ~1.8M parameters
-    other=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
-               num_key_value_heads=4, max_position_embeddings=512, vocab=4096),
-)
 # Built-in fine-tune, measured (docs/performance.md): 98 s for 30 epochs of 39k tokens (padding
 # included) at 1.8M parameters on 2 CPU cores. The estimate a build announces scales it by padded
 # tokens x parameters (rough: the real TOFU's epochs ran about 25 % slower than it says, docs/real_tofu.md).
@@ -42,11 +33,6 @@ TOKENIZER_CONFIGS = ("full", "forget01_perturbed", "forget05_perturbed", "forget
                      "real_authors", "world_facts", "real_authors_perturbed", "world_facts_perturbed")
 
 
-# What makes a tiny build, beside its sizes: a folder of the tiny preset (common.tiny_dir) holds the
-# build whose recipe is the preset's, recorded in its mark (common.MARKER) and compared on every load.
-RECIPE_FLAGS = ("data", "split", "template", "lr", "epochs", "batch_size", "grad_accum", "warmup_epochs",
-                "max_grad_norm", "optim", "max_steps", "seed")
-RECIPE_VERSION = 2  # raise it when the build's code changes what a recipe makes (2: common.reproducible_cpu)
 # SHA-256 of model.safetensors of the built-in set's preset builds, made with the pinned versions (constraints.txt)
 # and common.reproducible_cpu's arithmetic: the same bytes on any x86-64 CPU with AVX2 (docs/reproducibility.md).
 CHECKSUMS = dict(full="9dde17e2c96e3918d79abd010b48c709883419457299dcf62fdf4d02800d18dc",
@@ -55,42 +41,6 @@ CHECKSUMS = dict(full="9dde17e2c96e3918d79abd010b48c709883419457299dcf62fdf4d028
                  retain90="bcf4141226669fb97e541be5e62dfcdf362d6b56b39647fa2064f35b587fe5bb")
 PUBLISHED = dict(torch="2.13.0+cpu", transformers="5.24.0", tokenizers="0.23.3", cpu_kernels="AVX2",
                  mkl_cbwr="AVX2,STRICT", cpu_vendor="GenuineIntel")  # common.arithmetic() of the builds above
-
-
-def recipe(args) -> dict:
-    """The tiny build's recipe: the flags that shape the model, its sizes, and RECIPE_VERSION."""
-    return dict({k: getattr(args, k) for k in RECIPE_FLAGS}, size=tiny_size(args.data), version=RECIPE_VERSION)
-
-
-def preset_recipe(data, split) -> dict:
-    """The recipe of the tiny preset's own build of `split` of `data`: finetune.py's defaults."""
-    return recipe(parse(["--data", data, "--split", split]))
-
-
-def differs(built: dict, want: dict) -> str:
-    """What sets a recorded recipe apart from the preset's, as flags (or 'an older recipe')."""
-    if built.get("version") != want["version"] or set(built) != set(want):
-        return "an older recipe"
-    diff = [k for k in want if built[k] != want[k]]
-    return ", ".join(f"--{k.replace('_', '-')} {built[k]}" if k in RECIPE_FLAGS else f"{k} {built[k]}" for k in diff)
-
-
-def check_preset_model(path, data, config):
-    """Raise UsageError unless `path` holds the tiny preset's own, finished build of `config` of `data`:
-    a shortened build (--max-steps), one made with other flags or by an older recipe, or a folder this
-    project did not write is never taken as the model before unlearning."""
-    mark = common.read_marker(path)
-    built = (mark or {}).get("recipe")
-    why = ("it carries no mark of this project's" if mark is None else
-           "its build did not finish" if not mark.get("complete") else
-           "it has no recorded recipe" if not isinstance(built, dict) else "")
-    if not why:
-        diff = differs(built, preset_recipe(data, config))
-        why = diff and f"it was built with {diff}"
-    if why:
-        cmd = "python finetune.py --split " + config + ("" if data == "builtin" else f" --data {data}")
-        fix = f"move it away, then rebuild it: {cmd}" if mark is None else f"rebuild it: {cmd} --overwrite"
-        raise common.UsageError(f"{path} is not the tiny preset's model of {config} ({why}); {fix}")
 
 
 def sha256(path) -> str:
@@ -124,11 +74,6 @@ def tokenizer_rows(data):
     return [r for c in TOKENIZER_CONFIGS if have(c) for r in common.load_tofu(c, data)]
 
 
-def tiny_size(data):
-    """The tiny model's architecture and vocabulary size for a data source (TINY_SIZES)."""
-    return TINY_SIZES["builtin" if data == "builtin" else "other"]
-
-
 def tiny_tokenizer(rows, vocab=2048):
     """A byte-level BPE tokenizer of `vocab` tokens trained on the rows' text (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -145,7 +90,7 @@ def tiny_tokenizer(rows, vocab=2048):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_model(tokenizer, seed, size=TINY_SIZES["builtin"]):
+def tiny_model(tokenizer, seed, size=common.TINY_SIZES["builtin"]):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
@@ -172,8 +117,8 @@ def main(argv=None):
         mark, custom = None, ""
         preset_dir = common.tiny_dir(args.data) / args.split
         if args.model == "tiny":
-            mark = dict(script="finetune.py", recipe=recipe(args))
-            custom = differs(mark["recipe"], preset_recipe(args.data, args.split))
+            mark = dict(script="finetune.py", recipe=common.tiny_recipe(args))
+            custom = common.recipe_differs(mark["recipe"], common.preset_recipe(args.data, args.split))
         if args.out is None and args.model == "tiny":
             src = "" if args.data == "builtin" else f"-{common.source_slug(args.data)}"
             args.out = str(common.OUT / f"finetune-tiny{src}-{args.split}" if custom else preset_dir)
@@ -192,7 +137,7 @@ def main(argv=None):
             raise common.UsageError(f"--batch-size {args.batch_size} is larger than the {len(rows)} training rows")
         common.set_seed(args.seed)
         if args.model == "tiny":  # from scratch, with a tokenizer trained on the data source
-            size = tiny_size(args.data)
+            size = common.tiny_size(args.data)
             tokenizer = tiny_tokenizer(tokenizer_rows(args.data), size["vocab"])
             model = tiny_model(tokenizer, args.seed, size)
         else:

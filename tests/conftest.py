@@ -38,6 +38,25 @@ def tiny_tokenizer():
     return finetune.tiny_tokenizer([r for rs in fictitious.generate().values() for r in rs])
 
 
+@pytest.fixture
+def short_builds(tmp_path, monkeypatch):
+    """The tiny preset's models under tmp_path/tiny, each build finetune.py's own fine-tune cut to 2 steps
+    and run in this process (common.run_finetune replaced); returns the list of builds' argv."""
+    import common
+    import finetune
+    calls = []
+
+    def short(argv):
+        calls.append(list(argv))
+        finetune.main(list(argv) + ["--max-steps", "2"])
+
+    monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
+    monkeypatch.setattr(common, "run_finetune", short)
+    preset = common.preset_recipe  # the preset's own build is the short one here
+    monkeypatch.setattr(common, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=2))
+    return calls
+
+
 def run_main(script, *args, merged=False):
     """Run a project script's main() in this process, as `python script args` from the project root
     would: returns a CompletedProcess (returncode, stdout, stderr) like run_script, without the 3 s

@@ -416,23 +416,11 @@ def test_es_eos_flag(tiny, tiny_path, tmp_path):
     assert es[0] != es[1]
 
 
-def test_tiny_retain_model_is_built_on_first_use(tmp_path, monkeypatch):
-    import finetune
-    calls = []
-    real = finetune.main
-
-    def short(argv):  # the real fine-tune, cut to 2 steps
-        calls.append(argv)
-        return real(argv + ["--max-steps", "2"])
-
-    monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
-    monkeypatch.setattr(finetune, "main", short)
-    preset = finetune.preset_recipe  # the preset's own build is the short one here
-    monkeypatch.setattr(finetune, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=2))
+def test_tiny_retain_model_is_built_on_first_use(tmp_path, short_builds):
     path = eval_tofu.tiny_retain_model("forget10")
     assert path == str(tmp_path / "tiny" / "retain90") and os.path.isfile(os.path.join(path, "model.safetensors"))
     assert json.load(open(os.path.join(path, "args.json")))["split"] == "retain90"
-    assert eval_tofu.tiny_retain_model("forget10") == path and len(calls) == 1  # cached
+    assert eval_tofu.tiny_retain_model("forget10") == path and len(short_builds) == 1  # cached
 
 
 @pytest.mark.parametrize("case,msg", [

@@ -28,23 +28,6 @@ def data_folder(path, extra_word=True):
     return str(path)
 
 
-@pytest.fixture
-def short_builds(tmp_path, monkeypatch):
-    """The tiny preset's models under tmp_path/tiny, each build the real fine-tune cut to 2 steps;
-    returns the list of builds' argv."""
-    calls, real = [], finetune.main
-
-    def short(argv):
-        calls.append(argv)
-        return real(argv + ["--max-steps", "2"])
-
-    monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
-    monkeypatch.setattr(finetune, "main", short)
-    preset = finetune.preset_recipe  # the preset's own build is the short one here
-    monkeypatch.setattr(finetune, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=2))
-    return calls
-
-
 def test_tiny_dir_is_one_folder_per_source(tmp_path, monkeypatch):
     monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
     root = tmp_path / "tiny"
@@ -74,8 +57,8 @@ def test_runs_on_other_data_get_their_own_default_folder(tmp_path):
 def test_finetune_with_data_writes_that_sources_folder(tmp_path, monkeypatch):
     """`finetune.py --data DIR` no longer defaults to out/tiny/full (the built-in set's model)."""
     monkeypatch.setitem(common.PRESETS["tiny"], "path", str(tmp_path / "tiny" / "full"))
-    preset = finetune.preset_recipe  # the preset's own build is a 1-step one here
-    monkeypatch.setattr(finetune, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=1))
+    preset = common.preset_recipe  # the preset's own build is a 1-step one here
+    monkeypatch.setattr(common, "preset_recipe", lambda data, split: dict(preset(data, split), max_steps=1))
     data = data_folder(tmp_path / "mydata")
     out = finetune.main(["--data", data, "--max-steps", "1"])
     assert Path(out) == common.tiny_dir(data) / "full" != tmp_path / "tiny" / "full"
@@ -150,7 +133,7 @@ def test_real_tofu_subset_gets_its_own_model(tofu_dir, tmp_path, short_builds):
     wga.main(["--data", str(sub), "--max-steps", "1", "--no-eval", "--out", str(tmp_path / "run")])
     target = common.tiny_dir(str(sub)) / "full"
     cfg = json.load(open(target / "config.json"))
-    size = finetune.tiny_size(str(sub))
+    size = common.tiny_size(str(sub))
     assert cfg["hidden_size"] == size["hidden_size"] and cfg["num_hidden_layers"] == size["num_hidden_layers"]
     vocab = json.load(open(target / "tokenizer.json"))["model"]["vocab"]
     assert len(vocab) == size["vocab"] and not (tmp_path / "tiny" / "full").exists()
@@ -159,3 +142,32 @@ def test_real_tofu_subset_gets_its_own_model(tofu_dir, tmp_path, short_builds):
 def test_tofu_dir_comes_from_the_environment_first(tmp_path):
     assert conftest.tofu_folder(dict(TOFU_DIR=str(tmp_path))) == tmp_path
     assert conftest.tofu_folder({}) == conftest.ROOT.parent / "shared" / "tofu"
+
+
+def test_a_build_runs_finetune_in_a_process_of_its_own(tmp_path, capsys, monkeypatch):
+    """common.run_finetune: finetune.py in its own process, one process even under torchrun's variables,
+    its lines and progress bar passed on; a failure is one UsageError with finetune.py's own line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a child that saw it would refuse to start: no MASTER_ADDR
+    common.run_finetune(["--max-steps", "2", "--log-every", "1", "--out", tmp_path / "m"])
+    out, err = capsys.readouterr()
+    assert "step 2/2 | loss" in out and re.search(r"finetune full: 100%.*\| 2/2 \[", err)
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    with pytest.raises(common.UsageError) as e:
+        common.run_finetune(["--batch-size", "5000", "--out", tmp_path / "n"])
+    assert str(e.value) == (f"finetune.py --batch-size 5000 --out {tmp_path / 'n'} failed: --batch-size 5000 is "
+                            f"larger than the 1090 training rows")
+    assert "error" not in capsys.readouterr().err and not (tmp_path / "n").exists()  # said once, by the caller
+
+
+def test_common_imports_no_script():
+    """common.py imports no script of the project; what it does import (the built-in set) imports none back."""
+    import ast
+
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        return ({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module})
+    ours = {p.stem for p in conftest.ROOT.glob("*.py")}
+    used = imports(conftest.ROOT / "common.py") & ours
+    assert "finetune" in ours and used == {"fictitious"}
+    assert not imports(conftest.ROOT / "fictitious.py") & ours

@@ -173,6 +173,7 @@ def test_the_recorded_recipe_is_the_presets_flags(tiny_path):
         grad_accum=1, warmup_epochs=1, max_grad_norm=1.0, optim="adamw", max_steps=0, seed=0, version=2,
         size=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=6, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=256, vocab=2048))
+    assert common.preset_recipe("builtin", "full") == common.tiny_recipe(finetune.parse([]))  # finetune.py's defaults
 
 
 def test_a_tmp_twin_that_is_not_ours_is_refused(tiny_path, tmp_path):
@@ -254,7 +255,7 @@ def test_a_preset_folder_that_is_not_the_presets_build_is_refused(preset_root, t
     full = preset_root / "full"
     full.mkdir(parents=True)
     (full / "model.safetensors").write_bytes(b"weights")
-    recipe = finetune.preset_recipe("builtin", "full")
+    recipe = common.preset_recipe("builtin", "full")
     recipe = dict(recipe, **{"short": dict(max_steps=2), "lr": dict(lr=0.01), "older": dict(version=0)}.get(case, {}))
     if case != "unmarked":
         common.write_marker(full, dict(script="finetune.py", complete=case != "unfinished", recipe=recipe))
@@ -269,9 +270,9 @@ def test_a_preset_folder_that_is_not_the_presets_build_is_refused(preset_root, t
 def test_the_presets_own_build_is_taken(preset_root):
     full = preset_root / "full"
     full.mkdir(parents=True)
-    common.write_marker(full, dict(script="finetune.py", complete=True, recipe=finetune.preset_recipe("builtin", "full")))
+    common.write_marker(full, dict(script="finetune.py", complete=True, recipe=common.preset_recipe("builtin", "full")))
     assert common.model_path("tiny") == str(full)
-    other = dict(finetune.preset_recipe("builtin", "full"), split="retain95")  # the recipe names its config
+    other = dict(common.preset_recipe("builtin", "full"), split="retain95")  # the recipe names its config
     common.write_marker(full, dict(script="finetune.py", complete=True, recipe=other))
     with pytest.raises(common.UsageError, match="built with --split retain95"):
         common.model_path("tiny")
