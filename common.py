@@ -481,10 +481,16 @@ def tiny_path(config: str, data: str = "builtin") -> str:
     """tiny_dir(data)/<config>: the tiny model fine-tuned on `config` of `data` (full: the target
     model; retainXX: the retain-only model of Forget Quality), built by finetune.py on first use, then
     cached. The build says what it makes, why and about how long, then shows a progress bar. Under
-    torchrun rank 0 builds it while the others wait."""
+    torchrun rank 0 builds it while the others wait; another process that needs it meanwhile waits too."""
     path = str(tiny_dir(data) / config)
 
     def find_or_build():
+        from filelock import FileLock  # (the hub client's own dependency) two first uses at once: one build
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path + ".lock"):
+            return check_or_build()
+
+    def check_or_build():
         if os.path.isdir(path) and os.listdir(path):  # the preset's own build, or one line that says how to rebuild it
             return check_preset_model(path, data, config)
         load_tofu(config, data)  # bad data fails here, in one line, before a build is announced

@@ -280,15 +280,20 @@ class Sweep:
                 run_dir.parent.rmdir()
         return theta_u
 
+    def table1_sets(self, split: str) -> dict:
+        """Table 1's evaluation sets: every row, or the first --max-samples of each (as eval_tofu.py's)."""
+        n = getattr(self.args, "max_samples", None)
+        return {k: (qa[:n], pert[:n], base) for k, (qa, pert, base) in self.split(split)["sets"].items()}
+
     def table1_row(self, method: str, split: str, params: dict, fq_ref, theta_u: dict = None) -> dict:
         """The full evaluation (ES, MU, FQ) of the unmixed model theta_u (method None: the original)."""
-        s = self.split(split)
+        self.split(split)
         if method is None:
             reset_(self.model, self.ref_model)
         else:
             uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
-        res = eval_tofu.evaluate(self.model, self.tokenizer, s["sets"], self.template, self.args.batch_size,
-                                 progress=False, with_eos=self.args.es_eos)
+        res = eval_tofu.evaluate(self.model, self.tokenizer, self.table1_sets(split), self.template,
+                                 self.args.batch_size, progress=False, with_eos=self.args.es_eos)
         m = res["metrics"]
         fq = None if fq_ref is None else eval_tofu.forget_quality(res["per_sample"]["forget"]["truth_ratio"], fq_ref)
         log_fq, bound = (None, None) if fq is None else eval_tofu.log10_fq(fq)  # p = 0: null and "< -300"
@@ -312,7 +317,7 @@ def fq_reference(sweep: Sweep, split: str):
     """The retain-only model's forget truth ratios for `split`, or None (FQ n/a): --retain-stats or
     --retain-model ({split} in either is replaced by the split), else the tiny preset's own."""
     a = sweep.args
-    pert = sweep.split(split)["sets"]["forget"][1]
+    pert = sweep.table1_sets(split)["forget"][1]
     if a.retain_stats:
         q, r = eval_tofu.read_retain_stats(a.retain_stats.replace("{split}", split), split)
         if q[:len(pert)] != [p["question"] for p in pert]:
@@ -386,6 +391,7 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
     if tables:
         figures.tuning(root)  # one per tuning table, drawn from the sweep.json just written
     if table1:
+        n = getattr(sweep.args, "max_samples", None)
         cells = table1_cells(table1)
         seeds = sorted({r["seed"] for r in table1 if r["method"] is not None})
         t = ["| setup | method | params " + HEAD + " MU ↑ | log10 FQ ↑ |", "| --- " * 9 + "|"]
@@ -403,12 +409,13 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
                + ("their range [min, max]" if len(seeds) < SD_FROM else "their sd") if len(seeds) > 1 else
                f"one unlearning seed ({seeds[0]})" if seeds else "")
         text = ["# Table 1 as the paper builds it: each method at its pick, unmixed, with KL\n",
-                f"Each cell: {how}; the model before unlearning has no seed.\n" if how else ""] + t + [
+                f"Each cell: {how}; the model before unlearning has no seed.\n" if how else "",
+                f"Evaluated on the first {n} rows of each set only (--max-samples {n}).\n" if n else ""] + t + [
             "\n# The same picks after UWC (this project's comparison at equal retention, not the paper's Table 1)\n"
         ] + uwc_t
         atomic_text(root / "table1.md", "\n".join(text) + "\n")
-        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), seeds=seeds, cells=cells,
-                                                             rows=table1))
+        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), max_samples=n, seeds=seeds,
+                                                             cells=cells, rows=table1))
 
 
 # ----------------------------------------------------------------------------- seeds: means and spreads
@@ -533,6 +540,8 @@ def main(argv=None):
     a("--retain-stats", default=None, help="the retain-only model's eval.json instead ({split} replaced too)")
     a("--es-eos", action="store_true", help="ES counts the EOS token (the stricter reading; see eval_tofu.py)")
     a("--no-table1", action="store_true", help="tuning tables only: skip Table 1's full evaluations")
+    a("--max-samples", type=int, default=None, help="Table 1 on the first N rows of each set only, as eval_tofu.py's "
+                                                     "(default: all; the tuning always uses all)")
     a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
     a("--out", default=None, help="output folder: new, empty, or a sweep's to resume (default: out/sweep/<preset>)")
     common.add_min_forget_es(parser)
@@ -551,6 +560,8 @@ def main(argv=None):
             raise common.UsageError(f"--tol must be in [0, 1), got {args.tol}")
         if args.seeds < 1:
             raise common.UsageError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.max_samples is not None and args.max_samples < 1:
+            raise common.UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
         if args.batch_size < 1 or (args.lr is not None and not args.lr > 0) or (
                 args.epochs is not None and not args.epochs > 0):
             raise common.UsageError("--batch-size must be >= 1 and --lr, --epochs positive")
@@ -608,6 +619,7 @@ def main(argv=None):
     t1_dir.mkdir(exist_ok=True)
 
     seeds = [args.seed + k for k in range(args.seeds)]  # Table 1's unlearning seeds; the grid's is the first
+    want_t1 = want if args.max_samples is None else dict(want, max_samples=args.max_samples)  # Table 1's rows
     seeds_of = lambda m: [None] if m is None else seeds  # the model before unlearning has no seed
     t1_file = lambda m, sp, seed: t1_dir / (f"{sp}-before.json" if m is None else f"{sp}-{m}-seed{seed}.json")
 
@@ -615,7 +627,7 @@ def main(argv=None):
         """Table 1's row on disk for these settings (and this seed), or None."""
         f = t1_file(m, sp, seed)
         old = json.loads(f.read_text()) if f.is_file() else None
-        return old if old is not None and old.pop("settings") == want else None
+        return old if old is not None and old.pop("settings") == want_t1 else None
 
     t1_todo = 0 if args.no_table1 else sum(t1_row(m, sp, seed) is None for sp in splits for m in (None,) + methods
                                            for seed in seeds_of(m))
@@ -661,7 +673,7 @@ def main(argv=None):
                         r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
                                  uwc={k: u[k] for k in ("lam",) + COLS})
                         current = None
-                    eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want))
+                    eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want_t1))
                     bar.update(1)
                 sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
     except KeyboardInterrupt:

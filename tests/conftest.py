@@ -6,6 +6,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# Several pytest-xdist workers share the cores: one thread each (and in the processes they start), set
+# before torch is imported. The numbers do not depend on it (common.reproducible_cpu).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 import common  # noqa: E402,F401  first: it sets the reproducible CPU arithmetic before torch computes anything
 
 
@@ -17,6 +21,13 @@ def tofu_folder(environ=os.environ) -> Path:
 TOFU = tofu_folder()
 
 
+def pytest_configure(config):
+    """The tiny target model, fine-tuned once before any test runs if it is not cached (about 2.5 minutes
+    on 2 cores, with every core: no worker has started yet), for every worker to share."""
+    if not hasattr(config, "workerinput"):  # the main process, not an xdist worker
+        common.model_path("tiny")
+
+
 @pytest.fixture(scope="session")
 def tofu_dir():
     if not any((TOFU / f"full{ext}").is_file() for ext in (".json", ".jsonl")):
@@ -26,8 +37,7 @@ def tofu_dir():
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    """The tiny target model, fine-tuned on first use (about 1.5 minutes on 2 cores) and cached."""
-    import common
+    """The tiny target model (pytest_configure built it if it was missing)."""
     return common.model_path("tiny")
 
 

@@ -171,3 +171,15 @@ def test_common_imports_no_script():
     used = imports(conftest.ROOT / "common.py") & ours
     assert "finetune" in ours and used == {"fictitious"}
     assert not imports(conftest.ROOT / "fictitious.py") & ours
+
+
+def test_two_first_uses_at_once_build_once(tmp_path, short_builds):
+    """Two runs that need the same missing model at once: one builds it, the other waits and takes it."""
+    import threading
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(common.tiny_path("retain99"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(short_builds) == 1 and paths == [str(tmp_path / "tiny" / "retain99")] * 2
