@@ -45,7 +45,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
         common.resolve_flags(args)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(args, name) < math.inf:
-                raise common.UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+                raise common.UsageError(f"--{name} must be >= 0 and finite, got {getattr(args, name)}")
         geffect.check_flags(args)
         args.out = common.default_out(__file__, args)
         common.check_out(args.out, args.overwrite)  # before loading: a new folder, or a run of ours

@@ -46,8 +46,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     try:
         common.resolve_flags(args)
         args.beta = (4.5 if args.split == "forget10" else 2.5) if args.beta is None else args.beta
-        if not args.beta > 0:
-            raise common.UsageError(f"--beta must be positive, got {args.beta}")
+        if not 0 < args.beta < math.inf:
+            raise common.UsageError(f"--beta must be positive and finite, got {args.beta}")
         if not math.isfinite(args.gamma):
             raise common.UsageError(f"--gamma must be a finite number, got {args.gamma}")
         geffect.check_flags(args)

@@ -12,6 +12,7 @@ keeps the original model's shape. Default: beta 10.
 
     python undial.py --split forget05
 """
+import math
 import time
 from collections import defaultdict
 
@@ -49,8 +50,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     args = parser.parse_args(argv)
     try:
         common.resolve_flags(args)
-        if not 0 < args.beta < float("inf"):
-            raise common.UsageError(f"--beta must be positive, got {args.beta}")
+        if not 0 < args.beta < math.inf:
+            raise common.UsageError(f"--beta must be positive and finite, got {args.beta}")
         geffect.check_flags(args)
         args.out = common.default_out(__file__, args)
         common.check_out(args.out, args.overwrite)  # before loading: a new folder, or a run of ours
