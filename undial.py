@@ -7,8 +7,8 @@ token's logit lowered by beta, and the model is trained towards it by cross-entr
     L_UNDIAL(theta) = E_t H(q_t, p_t(theta)) = -E_t sum_v q_t,v log p_t,v(theta)
 
 averaged over the step's answer tokens. The gradient in the logits is p_t - q_t: bounded, and zero
-once the model matches the target, so unlike GA it cannot run away; the rest of the distribution
-keeps the original model's shape. Default: beta 10.
+once the model matches the target, which keeps the original model's distribution over the other
+tokens. Unlike GA's, the objective has a minimum. Default: beta 10.
 
     python undial.py --split forget05
 """
