@@ -623,6 +623,9 @@ def delta(run_dirs, out, dpi=110) -> str:
 
 # ---------------------------------------------------------------- tuning: sweep.py's tuning curves (Tables 2-10)
 
+TITLES = dict(simnpo="SimNPO", satimp="SatImp", idkdpo="IdkDPO")  # the others: the script's name in capitals
+
+
 def tuning_tables(rows: list, layers: dict) -> list:
     """Tables 2-10 of a sweep's rows: (title, swept param, method, fixed params, {split: [rows sorted
     by the swept param]}); `layers` names RMU's hidden states (shallow, middle, deep)."""
@@ -631,12 +634,18 @@ def tuning_tables(rows: list, layers: dict) -> list:
     specs += [("wtnpo", "beta", dict(alpha=a)) for a in sorted({r["params"]["alpha"] for r in rows
                                                                 if r["method"] == "wtnpo"})]
     specs += [("rmu", "c", dict(layer=l)) for l in sorted({r["params"]["layer"] for r in rows if r["method"] == "rmu"})]
+    specs += [("simnpo", "beta", dict(gamma=g)) for g in sorted({r["params"]["gamma"] for r in rows
+                                                                if r["method"] == "simnpo"})]
+    specs += [("satimp", "beta1", dict(beta2=b)) for b in sorted({r["params"]["beta2"] for r in rows
+                                                                 if r["method"] == "satimp"})]
+    specs += [("idkdpo", "beta", {}), ("undial", "beta", {})]
     where = {v: k for k, v in layers.items()}
     for method, param, fixed in specs:
         sel = [r for r in rows if r["method"] == method and all(r["params"].get(k) == v for k, v in fixed.items())]
         if not sel:
             continue
-        title = method.upper() + "".join(f" ({k} = {v:g})" for k, v in fixed.items() if k != "layer")
+        title = TITLES.get(method, method.upper()) + "".join(f" ({k} = {v:g})" for k, v in fixed.items()
+                                                             if k != "layer")
         if "layer" in fixed:
             title += f" (hidden state {fixed['layer']}" + (f", {where[fixed['layer']]})" if fixed["layer"] in where
                                                           else ")")

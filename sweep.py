@@ -8,7 +8,10 @@ Sweep: the paper's experimental protocol, in its two stages (Section 5, Appendix
    {0.05, 0.1, 0.5, 0.7, 1, 2, 4, 5, 7, 10}; WTNPO alpha in {0.5, 1, 1.5} x that beta grid
    (Tables 5-7); RMU c in {0, 1, 2, 4, 5, 7, 10} at a shallow, a middle and a deep hidden state
    (Tables 8-10: the paper's 11th, 22nd and 33rd of Llama-2-7B's 33, the last being the one
-   before unembedding; here round(k (L+1) / 3) - 1 for k = 1, 2, 3 of the L + 1 states).
+   before unembedding; here round(k (L+1) / 3) - 1 for k = 1, 2, 3 of the L + 1 states). After the
+   paper's seven, four more objectives with grids of this project's choosing: SimNPO beta in that
+   beta grid x gamma in {0, 1}; SatImp beta1 in {1, 3, 5} x beta2 in {0.1, 0.5, 1}; IdkDPO beta in
+   that beta grid; UNDIAL beta in {1, 3, 10, 30, 100}.
 2. Table 1 as the paper builds it: every method at its best value (the lowest unlearn ES-exact
    after UWC; ties: ES-perturb, then retain ES-exact), the UNMIXED unlearned model, evaluated fully (ES, MU, and FQ
    against the retain-only model), with KL. Beside it, the same picks after UWC: the comparison
@@ -49,23 +52,32 @@ import common
 import eval_tofu
 import uwc
 
-METHODS = ("ga", "po", "wga", "npo", "tnpo", "wtnpo", "rmu")  # Table 1's order
-NAMES = dict(ga="GA", po="PO", wga="WGA", npo="NPO", tnpo="TNPO", wtnpo="WTNPO", rmu="RMU")
+# Table 1's order: the paper's seven, then the four objectives it does not study
+METHODS = ("ga", "po", "wga", "npo", "tnpo", "wtnpo", "rmu", "simnpo", "satimp", "idkdpo", "undial")
+NAMES = dict(ga="GA", po="PO", wga="WGA", npo="NPO", tnpo="TNPO", wtnpo="WTNPO", rmu="RMU", simnpo="SimNPO",
+             satimp="SatImp", idkdpo="IdkDPO", undial="UNDIAL")
 GRID = (0.05, 0.1, 0.5, 0.7, 1, 2, 4, 5, 7, 10)  # Tables 2-7
 GRIDS = dict(ga={}, po={}, wga=dict(alpha=GRID), npo=dict(beta=GRID), tnpo=dict(beta=GRID),
              wtnpo=dict(alpha=(0.5, 1, 1.5), beta=GRID), rmu=dict(layer=("shallow", "middle", "deep"),
-                                                                  c=(0, 1, 2, 4, 5, 7, 10)))
-SWEPT = dict(wga="alpha", npo="beta", tnpo="beta", wtnpo="beta", rmu="c")  # what --grid replaces
+                                                                  c=(0, 1, 2, 4, 5, 7, 10)),
+             simnpo=dict(beta=GRID, gamma=(0, 1)), satimp=dict(beta1=(1, 3, 5), beta2=(0.1, 0.5, 1)),
+             idkdpo=dict(beta=GRID), undial=dict(beta=(1, 3, 10, 30, 100)))
+SWEPT = dict(wga="alpha", npo="beta", tnpo="beta", wtnpo="beta", rmu="c", simnpo="beta", satimp="beta1",
+             idkdpo="beta", undial="beta")  # what --grid replaces
 # the values each method script accepts (its own checks, said once more so that a bad grid fails first)
-VALID = dict(alpha=(lambda v: v >= 0, ">= 0"), beta=(lambda v: v > 0, "> 0"), c=(lambda v: True, "a number"))
+VALID = dict(alpha=(lambda v: v >= 0, ">= 0"), beta=(lambda v: v > 0, "> 0"), c=(lambda v: True, "a number"),
+             gamma=(lambda v: True, "a number"), beta1=(lambda v: v >= 0, ">= 0"), beta2=(lambda v: v >= 0, ">= 0"))
 
 
 def paper_default(method: str, split: str, preset: dict) -> dict:
-    """The paper's stated hyper-parameters (Section 5), which are the method scripts' defaults."""
+    """The paper's stated hyper-parameters (Section 5), which are the method scripts' defaults; for the
+    four objectives the paper does not study, the scripts' defaults (docs/objectives.md)."""
     f10 = split == "forget10"
     return dict(ga={}, po={}, wga=dict(alpha=7.0 if f10 else 5.0), npo=dict(beta=0.5),
                 tnpo=dict(beta=5.0 if f10 else 4.0), wtnpo=dict(alpha=1.5, beta=7.0 if f10 else 5.0),
-                rmu=dict(layer=preset["rmu_layer"], c=preset["rmu_c"]))[method]
+                rmu=dict(layer=preset["rmu_layer"], c=preset["rmu_c"]),
+                simnpo=dict(beta=4.5 if f10 else 2.5, gamma=0.0), satimp=dict(beta1=5.0, beta2=0.1),
+                idkdpo=dict(beta=0.1), undial=dict(beta=10.0))[method]
 
 
 def rmu_layers(n_layers: int) -> dict:
@@ -525,7 +537,7 @@ def main(argv=None):
     a("--method", default="wga", help=f"one of {', '.join(METHODS)}, or all")
     a("--split", default="forget05", help="forget01, forget05, forget10, or all")
     a("--grid", default=None, help="comma-separated values replacing the swept hyper-parameter's grid "
-                                   "(WGA alpha, NPO/TNPO/WTNPO beta, RMU c)")
+                                   "(WGA alpha, NPO/TNPO/WTNPO/SimNPO/IdkDPO/UNDIAL beta, SatImp beta1, RMU c)")
     a("--wtnpo-alpha", default=None, help="WTNPO's alpha values (default: 0.5,1,1.5, Tables 5-7)")
     a("--rmu-layers", default=None, help="RMU's hidden states (default: shallow, middle and deep, printed)")
     a("--tol", type=float, default=None, help="UWC's allowed drop of retain ES-exact (default: the preset's)")

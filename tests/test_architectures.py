@@ -14,7 +14,7 @@ import test_geffect
 from test_geffect import measured_step, sgd_change
 
 ARCHS = ["llama", "phi", "gpt2", "neox", "qwen2"]
-METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
+METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "simnpo", "satimp", "idkdpo", "undial"]
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 

@@ -18,7 +18,7 @@ import eval_tofu
 import finetune
 from conftest import ROOT, run_main
 
-METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu"]
+METHODS = ["ga", "wga", "npo", "tnpo", "wtnpo", "po", "rmu", "simnpo", "satimp", "idkdpo", "undial"]
 VALUE = re.compile(r"has forget ES-exact (\d\.\d{4})")
 OTHER_TEMPLATE = "{q} {a}"  # not the tiny model's: its forget ES-exact is about 0.5 under it, neither 0 nor 1
 

@@ -263,3 +263,40 @@ def test_cells_show_the_range_below_five_seeds_and_the_sd_from_five():
     assert sweep.fmt_cell(st) == f"0.3000 ± {0.1581:.4f}" and st["sd"] == pytest.approx(0.158113883)
     assert sweep.fmt_cell(sweep.stats([0.25])) == "0.2500"
     assert sweep.fmt_cell(sweep.stats([None, -2.0, None], below=2)) == "< -300 in 2 of 3 seeds"
+
+
+def test_grids_of_the_four_objectives_after_the_papers_seven():
+    import argparse
+    a = argparse.Namespace(grid=None, wtnpo_alpha=None, rmu_layers=None)
+    layers = sweep.rmu_layers(6)
+    assert sweep.METHODS[7:] == ("simnpo", "satimp", "idkdpo", "undial")  # --method all: Table 1's order
+    simnpo = sweep.grid("simnpo", a, layers)
+    assert len(simnpo) == 20 and {(p["beta"], p["gamma"]) for p in simnpo} == {(b, g) for b in sweep.GRID
+                                                                               for g in (0, 1)}
+    satimp = sweep.grid("satimp", a, layers)
+    assert {(p["beta1"], p["beta2"]) for p in satimp} == {(b1, b2) for b1 in (1, 3, 5) for b2 in (0.1, 0.5, 1)}
+    assert [p["beta"] for p in sweep.grid("idkdpo", a, layers)] == list(sweep.GRID)
+    assert [p["beta"] for p in sweep.grid("undial", a, layers)] == [1, 3, 10, 30, 100]
+    a.grid = (2.0,)  # --grid replaces SimNPO's beta and SatImp's beta1; gamma and beta2 keep their grids
+    assert sweep.grid("simnpo", a, layers) == [{"beta": 2.0, "gamma": 0.0}, {"beta": 2.0, "gamma": 1.0}]
+    assert len(sweep.grid("satimp", a, layers)) == 3
+    with pytest.raises(sweep.common.UsageError, match="satimp rejects beta1 = -1"):
+        sweep.check_params("satimp", {"beta1": -1.0, "beta2": 0.1}, 6)
+
+
+def test_a_sweep_of_one_of_the_four(tmp_path):
+    """UNDIAL, one value, forget01: the row, its run's flags, the tuning table and the pick beside the default."""
+    out = tmp_path / "sw"
+    r = run_main("sweep.py", "--method", "undial", "--split", "forget01", "--grid", "10", "--no-table1",
+                 "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    (row,) = rows(out)
+    assert row["method"] == "undial" and row["params"] == {"beta": 10.0} and 0 <= row["lam"] <= 1
+    assert all(0 <= row[k] <= 1 for k in SCORES)
+    args = json.load(open(out / "runs" / "undial-forget01-beta10" / "args.json"))
+    assert args["beta"] == 10.0 and args["reg"] == "kl" and args["split"] == "forget01"
+    sw = json.load(open(out / "sweep.json"))
+    assert sw["best"]["undial/forget01"]["paper_default"] == {"beta": 10.0}
+    tables = (out / "tables.md").read_text()
+    assert "## UNDIAL\n" in tables and "| forget01 | 10 |" in tables and "| forget01 | UNDIAL | beta 10 |" in tables
+    assert (out / "tuning-undial.png").stat().st_size > 10_000
