@@ -10,7 +10,7 @@ import common
 import ga
 import geffect
 import npo
-from conftest import run_script
+from conftest import run_main
 
 
 def small_model(tokenizer, seed=0):
@@ -131,7 +131,8 @@ def test_probe_does_not_change_training(tiny_path, tmp_path):
     logs = []
     for extra in ([], ["--geffect-every", "1", "--geffect-pointwise", "--geffect-order", "2"]):
         out = tmp_path / ("probe" if extra else "plain")
-        r = run_script("npo.py", "--max-steps", "3", "--batch-size", "8", "--grad-accum", "2", "--out", str(out), *extra)
+        r = run_main("npo.py", "--max-steps", "3", "--batch-size", "8", "--grad-accum", "2", "--no-eval", "--out", out,
+                     *extra)
         assert r.returncode == 0, r.stderr
         logs.append([json.loads(line) for line in open(out / "log.jsonl")])
     keys = ("loss", "objective", "reg", "forget_nll", "retain_nll", "grad_norm")
