@@ -27,6 +27,15 @@ TOFU's metrics, per row, with P̄(a|q) = exp(mean token log-prob of the answer a
                model of the data, out/tiny/retainXX on the built-in set, fine-tuned on first use;
                --no-fq skips FQ and that model. A p-value of 0 (it underflowed) is written as
                log10_forget_quality null with log10_forget_quality_bound "< -300", printed "< -300".
+Membership inference (on by default; --no-mia skips it): the forget rows are the members, the holdoutXX
+rows (authors never trained on) the non-members. Every score is per row, over the answer tokens without
+the EOS (as ES), with the question as context, higher for "less likely a member": LOSS (mean NLL), ZLib
+(LOSS / zlib-compressed length of the answer), Min-K% and Min-K%++ (--mia-k 0.4), Reference (LOSS minus
+the retain-only model's LOSS), GradNorm with --mia-gradnorm (a backward per row). Each gets its ROC AUC,
+forget 0 / holdout 1 (1: members told apart, 0.5: not); PrivLeak = 100 (s - r) / r (MUSE) from Min-K%
+AUCs, s = 1 - AUC of the model, r = 1 - AUC of the retain-only model (0.5 without one). The forget rows'
+scores come from the pass of Probability and ES, the retain-only model's from one pass over the forget
+and holdout rows beside FQ's.
 A run folder's args.json gives the defaults of --split (the forget split it was unlearned on; else
 forget05), --data and --template; a flag given otherwise wins, with one warning line. A NaN or
 infinite value of any row stops the evaluation (exit status 1) with one line naming the metric, the
@@ -418,6 +427,35 @@ def load_sets(split, data, max_samples=None):
     return out
 
 
+def membership_inference(model, tokenizer, template, forget_rows, forget_scores, holdout, holdout_split,
+                         batch_size=64, k=0.4, retain=None, with_gradnorm=False):
+    """eval.json's "mia": each attack's AUC and per-row scores, the forget rows against the holdout rows, and
+    the retain-only model's Min-K% AUC (retain_min_k_auc: r of PrivLeak; None without it).
+    forget_scores: the model's LOSS, Min-K%, Min-K%++ of forget_rows (evaluate's pass); the holdout rows (of
+    config holdout_split) get one pass here. retain: the retain-only model as (model, tokenizer), which gets
+    one pass over the forget and holdout rows; or its {"loss", "min_k": {"forget", "holdout"}} from
+    --retain-stats; or None (no Reference). with_gradnorm: GradNorm too, a forward and backward per row."""
+    ex = common.encode_rows(tokenizer, template, holdout)
+    h = score(model, tokenizer, ex, batch_size, mia_k=k)[2]
+    mine = {name: dict(forget=v, holdout=h[name]) for name, v in forget_scores.items()}
+    if isinstance(retain, tuple):
+        retain_model, retain_tok = retain
+        both = common.encode_rows(retain_tok, template, forget_rows + holdout)
+        retain = by_side(score(retain_model, retain_tok, both, batch_size, mia_k=k)[2], len(forget_rows))
+    grad = None
+    if with_gradnorm:
+        from tqdm import tqdm
+        with tqdm(total=len(forget_rows) + len(holdout), desc="GradNorm", unit="seq") as bar:
+            grad = dict(forget=gradnorm(model, tokenizer, common.encode_rows(tokenizer, template, forget_rows),
+                                        bar=bar), holdout=gradnorm(model, tokenizer, ex, bar=bar))
+    mia = mia_report(mine, dict(forget=[r["answer"] for r in forget_rows], holdout=[r["answer"] for r in holdout]),
+                     retain and retain["loss"], grad)
+    retain_auc = None if retain is None else auc(retain["min_k"]["forget"], retain["min_k"]["holdout"],
+                                                 "the retain-only model's Min-K%")
+    return dict(k=k, holdout=holdout_split, rows=dict(forget=len(forget_rows), holdout=len(holdout)),
+                retain_min_k_auc=retain_auc, **mia)
+
+
 def holdout_rows(split, data, max_samples=None):
     """The non-members of the membership-inference attacks: holdoutXX for forgetXX (authors in neither the
     forget nor the retain split), the first max_samples of them."""
@@ -735,33 +773,18 @@ def main(argv=None):
     # membership inference: the forget rows (members) against the holdout rows (non-members)
     mia, leak, leak_ref = None, None, "skipped (--no-mia)"
     if not args.no_mia:
-        forget_rows, nf = sets["forget"][0], n["forget"]
-        h = score(model, tokenizer, common.encode_rows(tokenizer, args.template, holdout), args.batch_size,
-                  mia_k=args.mia_k)[2]
-        mine = {k: dict(forget=v, holdout=h[k]) for k, v in res["mia_forget"].items()}  # forget: evaluate's pass
-        ref, why = None, "no retain-only model" + (" (--no-fq)" if args.no_fq else "")
-        if args.retain_model:  # FQ's retain-only model, on the forget answers and the holdout rows
-            ref = by_side(score(retain_model, retain_tok, common.encode_rows(retain_tok, args.template,
-                                                                             forget_rows + holdout),
-                                args.batch_size, mia_k=args.mia_k)[2], nf)
+        retain, why = None, "no retain-only model" + (" (--no-fq)" if args.no_fq else "")
+        if args.retain_model:  # FQ's retain-only model
+            retain = (retain_model, retain_tok)
         elif stats:
-            ref, why = retain_stats_mia(args.retain_stats, args.data, args.mia_k, nf, len(holdout))
-        grad = None
-        if args.mia_gradnorm:
-            from tqdm import tqdm
-            with tqdm(total=nf + len(holdout), desc="GradNorm", unit="seq") as bar:
-                grad = {side: gradnorm(model, tokenizer, common.encode_rows(tokenizer, args.template, rows), bar=bar)
-                        for side, rows in zip(SIDES, (forget_rows, holdout))}
-        mia = mia_report(mine, dict(forget=[r["answer"] for r in forget_rows], holdout=[r["answer"] for r in holdout]),
-                         ref and ref["loss"], grad)
-        retain_auc = None if ref is None else auc(ref["min_k"]["forget"], ref["min_k"]["holdout"],
-                                                  "the retain-only model's Min-K%")
-        leak = privleak(mia["min_k"]["auc"], retain_auc)
-        leak_ref = (f"r = 0.5: {why}" if ref is None else
-                    f"{'the retain-only model ' + retain_path if args.retain_model else 'the retain stats ' + args.retain_stats}"
-                    f", Min-K% AUC {retain_auc:.4f}" + (": r = 0, PrivLeak undefined" if leak is None else ""))
-        mia = dict(k=args.mia_k, holdout=f"holdout{args.split[-2:]}", rows=dict(forget=nf, holdout=len(holdout)),
-                   retain_min_k_auc=retain_auc, **mia)
+            retain, why = retain_stats_mia(args.retain_stats, args.data, args.mia_k, n["forget"], len(holdout))
+        mia = membership_inference(model, tokenizer, args.template, sets["forget"][0], res["mia_forget"], holdout,
+                                   f"holdout{args.split[-2:]}", args.batch_size, args.mia_k, retain, args.mia_gradnorm)
+        leak = privleak(mia["min_k"]["auc"], mia["retain_min_k_auc"])
+        leak_ref = (f"r = 0.5: {why}" if retain is None else
+                    (f"the retain-only model {retain_path}" if args.retain_model else
+                     f"the retain stats {args.retain_stats}") + f", Min-K% AUC {mia['retain_min_k_auc']:.4f}"
+                    + (": r = 0, PrivLeak undefined" if leak is None else ""))
     m = res["metrics"]
     summary = dict(es_exact_retain=m["retain"]["es_exact"], es_exact_unlearn=m["forget"]["es_exact"],
                    es_perturb_retain=m["retain"]["es_perturb"], es_perturb_unlearn=m["forget"]["es_perturb"],
