@@ -160,6 +160,19 @@ def test_privleak_by_hand():
     assert eval_tofu.privleak(0.7, 0.7) == 0.0 and eval_tofu.privleak(0.5, 1.0) is None
 
 
+def test_mia_report_by_hand():
+    """Reference = LOSS(model) - LOSS(retain-only model), row by row; each AUC from its own two lists."""
+    mine = dict(loss=dict(forget=[1.0, 2.0], holdout=[3.0, 4.0]), min_k=dict(forget=[5.0, 1.0], holdout=[2.0, 3.0]),
+                min_k_pp=dict(forget=[0.0, 0.0], holdout=[0.0, 0.0]))
+    answers = dict(forget=["a", "b"], holdout=["c", "d"])
+    r = eval_tofu.mia_report(mine, answers, ref_loss=dict(forget=[0.5, 0.5], holdout=[1.0, 5.0]))
+    assert r["reference"]["forget"] == [0.5, 1.5] and r["reference"]["holdout"] == [2.0, -1.0]
+    assert r["reference"]["auc"] == 0.5 and r["loss"]["auc"] == 1.0 and r["min_k_pp"]["auc"] == 0.5
+    assert r["min_k"]["auc"] == 0.5  # pairs (5, 2) (5, 3) lost, (1, 2) (1, 3) won
+    assert r["zlib"]["holdout"] == [3.0 / len(zlib.compress(b"c")), 4.0 / len(zlib.compress(b"d"))]
+    assert "gradnorm" not in r and eval_tofu.mia_report(mine, answers)["reference"] is None
+
+
 def test_gradnorm_against_backward(tiny):
     """GradNorm: the mean over parameter tensors of the 2-norm of the gradient of the row's LOSS, against
     .backward() on the loss computed from the logits by hand; the model's flags and .grad stay as they were."""
