@@ -77,7 +77,7 @@ def markdown(r):
              f"{es['es_after']['forget']:.4f} | retain {es['es_before']['retain']:.4f} -> "
              f"{es['es_after']['retain']:.4f}.", "",
              "`eval_tofu.py --split forget05`, FQ against the real retain-only model (retain95):", "",
-             "| model | " + eval_tofu.HEADER[2:], "| --- " * 7 + "|"]
+             "| model | " + eval_tofu.TABLE1[2:], "| --- " * 7 + "|"]
     for name, key in (("built-in set, before unlearning", "builtin"), ("real TOFU, before unlearning", "before"),
                       ("real TOFU, after WGA", "after")):
         lines.append(f"| {name} " + table_row(r["eval"][key]["summary"]))

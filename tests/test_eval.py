@@ -317,8 +317,8 @@ def test_eval_command(tiny_path, tmp_path):
     r = run_script("eval_tofu.py", "--model", str(model), "--max-samples", "6", "--retain-stats",
                    str(tmp_path / "rs.json"), "--batch-size", "4")
     assert r.returncode == 0, r.stderr
-    assert "| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ |" \
-        in r.stdout.splitlines()
+    assert ("| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ "
+            "| PrivLeak → 0 | Min-K%++ AUC → 0.5 |") in r.stdout.splitlines()
     d = json.load(open(model / "eval.json"))
     assert not (model / "eval.json.tmp").exists()
     assert d["data"] == "builtin" and d["template"] == QA and d["split"] == "forget05"
@@ -328,10 +328,11 @@ def test_eval_command(tiny_path, tmp_path):
     s = d["summary"]
     assert s["es_exact_unlearn"] == sum(d["per_sample"]["forget"]["es_exact"]) / 6
     assert s["es_perturb_retain"] == sum(d["per_sample"]["retain"]["es_perturb"]) / 6
-    line = r.stdout.splitlines()[r.stdout.splitlines().index("| --- | --- | --- | --- | --- | --- |") + 1]
+    line = r.stdout.splitlines()[r.stdout.splitlines().index("| --- | --- | --- | --- | --- | --- | --- | --- |") + 1]
     assert line == "| " + " | ".join(f"{s[k]:.4f}" for k in ("es_exact_retain", "es_exact_unlearn",
                                                               "es_perturb_retain", "es_perturb_unlearn",
-                                                              "model_utility", "log10_forget_quality")) + " |"
+                                                              "model_utility", "log10_forget_quality")) \
+        + f" | {d['privleak']:.2f} | {d['mia']['min_k_pp']['auc']:.4f} |"
 
 
 def test_eval_without_retain_reference(tiny_path, tmp_path):
@@ -343,7 +344,7 @@ def test_eval_without_retain_reference(tiny_path, tmp_path):
     d = json.load(open(tmp_path / "o" / "e.json"))
     assert d["forget_quality"] is None and d["log10_forget_quality"] is None and "unavailable" in d["fq_reference"]
     lines = r.stdout.splitlines()
-    assert lines[lines.index("| --- | --- | --- | --- | --- | --- |") + 1].endswith("| n/a |")
+    assert lines[lines.index("| --- | --- | --- | --- | --- | --- | --- | --- |") + 1].split(" | ")[5] == "n/a"
     assert "FQ: unavailable" in r.stdout
     assert not (model / "eval.json").exists()
 
@@ -393,7 +394,7 @@ def test_no_fq_skips_forget_quality_and_its_model(tiny_path, tmp_path, monkeypat
     assert d["fq_skipped"] is True and d["fq_reference"] == "skipped (--no-fq)" and d["fq_retain_model"] is None
     assert res["fq_skipped"] is True
     lines = capsys.readouterr().out.splitlines()
-    assert lines[lines.index("| --- | --- | --- | --- | --- | --- |") + 1].endswith("| n/a (skipped) |")
+    assert lines[lines.index("| --- | --- | --- | --- | --- | --- | --- | --- |") + 1].split(" | ")[5] == "n/a (skipped)"
     assert "FQ: skipped (--no-fq)" in lines
     with pytest.raises(SystemExit) as e:
         eval_tofu.main(["--model", str(model), "--no-fq", "--retain-model", tiny_path])
