@@ -9,6 +9,7 @@ geffect.py measures, sweep.py tunes, this file draws.
     python figures.py tokens RUN... [--rows 0 1] [--epochs 1 2 ...] [--scale run|shared] -o FILE.html
     python figures.py tuning SWEEP [NAME...] [-o FOLDER]
     python figures.py delta RUN... -o FILE.png
+    python figures.py relearn ATTACK_JSON... -o FILE.png
 
 - geffect: one column per run (--geffect-every runs): the unlearning and retaining G-effect per layer
   group over the steps, under them the method's weight and the forget risk from log.jsonl.
@@ -23,6 +24,8 @@ geffect.py measures, sweep.py tunes, this file draws.
   folder (or -o FOLDER).
 - delta: what the real step did to each risk against the G-effect's prediction, a column per method
   and a row per --reg, from runs with --geffect-order 1 or 2 (benchmarks/geffect_delta.py).
+- relearn: ES-exact on V against the relearning steps S, from attack.py's attack.json files, one colour
+  each, the control (the retain-only model relearnt alike) dashed; S = 0 is the model before relearning.
 
 -o with a bare file name writes under out/ (git-ignored), as the runs do; a path with a folder is kept.
 Every file is written atomically; bad input writes nothing and says why in one line (exit status 2).
@@ -621,6 +624,47 @@ def delta(run_dirs, out, dpi=110) -> str:
     return _save(fig, out, dpi)
 
 
+# ---------------------------------------------------------- relearn: attack.py's relearning attack, ES on V against S
+
+def read_attack(path) -> tuple:
+    """(attack.json's content, its relearning rows sorted by S) of attack.py's output; raises UsageError when it
+    is not one, or holds no relearning attack."""
+    d = read_json(Path(path), "give an attack.json that attack.py wrote")
+    ok = isinstance(d, dict) and isinstance(d.get("attacks"), list) and isinstance(d.get("before"), dict)
+    rows = [a for a in d["attacks"] if isinstance(a, dict) and a.get("attack") == "relearn"] if ok else []
+    if not ok:
+        raise common.UsageError(f"{path} needs before and attacks: is it attack.py's attack.json?")
+    if not rows:
+        raise common.UsageError(f"{path} holds no relearning attack (attack.py ran with --relearn-steps none)")
+    return d, sorted(rows, key=lambda a: a["steps"])
+
+
+def relearn(paths, out, dpi=110) -> str:
+    """`relearn`: ES-exact on V against the relearning steps S, one colour per attack.json: the unlearned model
+    solid, its control (the retain-only model relearnt alike) dashed, the original model's level dotted; S = 0
+    is each model before relearning. Returns the path written (figure_path)."""
+    runs = [read_attack(p) for p in paths]
+    out = figure_path(out)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for k, (d, rows) in enumerate(runs):
+        color, b = f"C{k}", d["before"]
+        name = f"{Path(str(d.get('model'))).name} ({rows[0].get('on')})"
+        S = [0] + [a["steps"] for a in rows]
+        ax.plot(S, [b["unlearned"]["es_exact_v"]] + [a["es_exact_v"] for a in rows], "o-", color=color, label=name)
+        control = [(b.get("retain_only") or {}).get("es_exact_v")] + [a.get("control_es_exact_v") for a in rows]
+        if None not in control:
+            ax.plot(S, control, "s--", color=color, lw=1, ms=4, label=f"{name}: control (retain-only)")
+        ax.axhline(b["original"]["es_exact_v"], color=color, ls=":", lw=1, label=f"{name}: original")
+    ax.set_xticks(sorted({0} | {a["steps"] for _, rows in runs for a in rows}))
+    ax.set_xlabel("relearning steps S on T")
+    ax.set_ylabel("ES-exact on V")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, out, dpi)
+
+
 # ---------------------------------------------------------------- tuning: sweep.py's tuning curves (Tables 2-10)
 
 TITLES = dict(simnpo="SimNPO", satimp="SatImp", idkdpo="IdkDPO")  # the others: the script's name in capitals
@@ -761,6 +805,10 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders made with --geffect-order 1 or 2 (one per method and --reg)")
     p.add_argument("-o", "--out", default="geffect-delta.png", help="image file to write (a bare name goes under out/)")
     p.add_argument("--dpi", type=int, default=110, help="resolution of the image")
+    p = sub.add_parser("relearn", help="attack.py's relearning: ES-exact on V against the steps, the control dashed")
+    p.add_argument("attacks", nargs="+", help="attack.json files that attack.py wrote")
+    p.add_argument("-o", "--out", default="attack-relearn.png", help="image file to write (a bare name goes under out/)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of the image")
     args = parser.parse_args(argv)
     try:
         if getattr(args, "dpi", 1) < 1:
@@ -778,6 +826,8 @@ def main(argv=None):
             out = tokens(args.runs, args.out, args.rows, args.epochs, args.scale)
         elif args.cmd == "tuning":
             out = "\n".join(tuning(args.sweep, args.names, args.out))
+        elif args.cmd == "relearn":
+            out = relearn(args.attacks, args.out, args.dpi)
         else:
             out = delta(args.runs, args.out, args.dpi)
     except common.UsageError as e:
