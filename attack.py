@@ -171,7 +171,7 @@ def relearn(model, tokenizer, train_rows, steps, lr, batch_size, seed, template,
             step += 1
         row = dict(steps=S, loss=loss.item(), **measure(model))
         print(f"{name} S={S} | loss {row['loss']:.4f} | " + " | ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k not in ("steps", "loss")), flush=True)
+            f"{k} {v:.4f}" for k, v in row.items() if k != "loss" and isinstance(v, float)), flush=True)
         results.append(row)
     model.requires_grad_(False).eval()
     return results
@@ -284,6 +284,8 @@ def main(argv=None):
     a("--mia-k", type=float, default=0.4, help="Min-K%%++: the fraction of an answer's tokens, those of lowest score, "
                                                "that it averages (as eval_tofu.py)")
     a("--batch-size", type=int, default=64, help="rows per evaluation forward pass")
+    a("--max-samples", type=int, default=None, help="only the first N held-out retain rows and holdout rows (default: "
+                                                    "all; the forget rows stay whole: T and V are whole authors)")
     a("--out", default=None, help="where attack.json goes (default: MODEL_FOLDER/attack.json); the figure goes "
                                   "beside it, as attack-relearn.png")
     a("--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)")
@@ -307,6 +309,8 @@ def main(argv=None):
                 raise common.UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         if args.batch_size < 1:
             raise common.UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.max_samples is not None and args.max_samples < 1:
+            raise common.UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
         if not 0 < args.mia_k <= 1:
             raise common.UsageError(f"--mia-k must be in (0, 1], got {args.mia_k}")
         if bits:
@@ -355,7 +359,7 @@ def main(argv=None):
             if args.relearn_batch and args.relearn_batch > len(T):
                 raise common.UsageError(f"--relearn-batch {args.relearn_batch} is larger than T's {len(T)} rows")
             batch_size = args.relearn_batch or min(p["finetune_batch"], len(T))
-            holdout = eval_tofu.holdout_rows(args.split, args.data)
+            holdout = eval_tofu.holdout_rows(args.split, args.data, args.max_samples)
         for note in notes:
             common.warn(note)
         common.warn_data(path, args.data)
@@ -370,7 +374,7 @@ def main(argv=None):
     except common.UsageError as e:
         common.die(str(e))
     common.set_seed(args.seed)
-    sets = dict(forget=forget, retain=split["retain_eval"], v=[forget[i] for i in V], holdout=holdout)
+    sets = dict(forget=forget, retain=split["retain_eval"][:args.max_samples], v=[forget[i] for i in V], holdout=holdout)
     t_rows = [split["forget"][i] for i in T]
     print(f"attack {path} on {args.split} ({args.data}) | original {original} | "
           + (f"relearn {args.relearn_on}: T {len(T)} rows, V {len(V)} rows, S {','.join(map(str, steps))}, "
@@ -434,7 +438,8 @@ def main(argv=None):
                         "none: no retain-only model (give --retain-model)") if steps else None,
                split=args.split, data=args.data, template=args.template, seed=args.seed,
                relearn=dict(on=args.relearn_on, steps=steps, lr=lr, batch_size=batch_size, author_rows=author_rows,
-                            t=T, v=V, holdout=len(holdout) if holdout else 0) if steps else None,
+                            t=T, v=V) if steps else None,
+               rows=dict(forget=len(forget), retain=len(sets["retain"]), holdout=len(holdout) if holdout else 0),
                quantization=dict(bits=bits, library=f"bitsandbytes {__import__('bitsandbytes').__version__}")
                if bits else None,
                seconds=round(time.time() - t0, 1), before=before, attacks=attacks, args=vars(args))

@@ -377,3 +377,52 @@ def test_bad_input_one_line_exit_2_nothing_written(argv, says, tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("figures.py: error: ") and says in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# ---- relearn: attack.py's relearning attack
+
+def attack_json(path, control=True, relearn=True):
+    """An attack.json, hand-written: the unlearned model relearnt for S = 2 and 5, its control, one quantization."""
+    v = lambda es, **more: dict(es_exact_v=es, es_perturb_v=es / 2, es_exact_retain=0.9, auc_min_k_pp_v=0.6, **more)
+    attacks = [dict(attack="relearn", on="other-authors", steps=S, **v(es), control_es_exact_v=c if control else None,
+                    recovery=(es - 0.1) / 0.9) for S, es, c in ((5, 0.4, 0.2), (2, 0.3, 0.15))] if relearn else []
+    attacks.append(dict(attack="quantize", bits=4, es_exact_unlearn=0.2, es_perturb_unlearn=0.1, es_exact_retain=0.9,
+                        control_es_exact_unlearn=1.0))
+    before = dict(unlearned=v(0.1), original=v(1.0), retain_only=v(0.12) if control else None)
+    path.write_text(json.dumps(dict(model=str(path.parent / "wga-run"), before=before, attacks=attacks)))
+    return path
+
+
+def test_relearn_draws_es_on_v_against_S_with_the_control_dashed(tmp_path, monkeypatch):
+    """One colour per attack.json: the unlearned model solid from S = 0 (before relearning), sorted by S; the
+    control dashed from the retain-only model before relearning; the original's level dotted. An attack.json
+    without a control draws no dashed line."""
+    saved = saving(monkeypatch)
+    a, b = attack_json(tmp_path / "a.json"), attack_json(tmp_path / "b.json", control=False)
+    r = run_main("figures.py", "relearn", a, b, "-o", tmp_path / "r.png")
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "r.png"), r.stderr
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = saved[-1][0].axes
+    lines = [(l.get_linestyle(), l.get_color(), list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines()]
+    assert [(s, c) for s, c, _, _ in lines] == [("-", "C0"), ("--", "C0"), (":", "C0"), ("-", "C1"), (":", "C1")]
+    assert lines[0][2:] == ([0, 2, 5], [0.1, 0.3, 0.4]) and lines[1][2:] == ([0, 2, 5], [0.12, 0.15, 0.2])
+    assert lines[2][3] == [1.0, 1.0] and ax.get_ylabel() == "ES-exact on V"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["wga-run (other-authors)",
+                                                                      "wga-run (other-authors): control (retain-only)"]
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "x.json does not exist: give an attack.json that attack.py wrote"),
+    ("[]", "needs before and attacks: is it attack.py's attack.json?"),
+    ("quantized only", "holds no relearning attack (attack.py ran with --relearn-steps none)"),
+])
+def test_relearn_bad_input_one_line_exit_2_nothing_written(content, says, tmp_path):
+    path = tmp_path / "x.json"
+    if content == "quantized only":
+        attack_json(path, relearn=False)
+    elif content is not None:
+        path.write_text(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_main("figures.py", "relearn", path, "-o", tmp_path / "r.png")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and says in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
