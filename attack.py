@@ -119,8 +119,8 @@ def es_mean(model, tokenizer, rows, template, batch_size, question="question", w
 
 @torch.no_grad()
 def measure_v(model, tokenizer, sets, template, batch_size=64, k=0.4) -> dict:
-    """ES-exact and ES-perturb on V, ES-exact on the held-out retain rows, the Min-K%++ AUC of V (members)
-    against the holdout rows (non-members), and ES-exact / ES-perturb on the whole forget split."""
+    """What relearning is measured by: ES-exact and ES-perturb on V, ES-exact on the held-out retain rows, and the
+    Min-K%++ AUC of V (members) against the holdout rows (non-members). ES-exact and Min-K%++ of V: one pass."""
     was = model.training
     model.eval()
     _, es_v, mia_v = eval_tofu.score(model, tokenizer, common.encode_rows(tokenizer, template, sets["v"]), batch_size,
@@ -177,12 +177,13 @@ def relearn(model, tokenizer, train_rows, steps, lr, batch_size, seed, template,
     return results
 
 
-def need_bitsandbytes():
-    """Raise UsageError, in one line, when bitsandbytes is missing: only the quantization attack needs it."""
+def need_bitsandbytes() -> str:
+    """bitsandbytes' version; UsageError, in one line, when it is missing: only the quantization attack needs it."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
         raise common.UsageError("--quant-bits needs bitsandbytes: pip install bitsandbytes (or --quant-bits none)")
+    return bitsandbytes.__version__
 
 
 def quantize(model, bits: int):
@@ -198,7 +199,6 @@ def quantize(model, bits: int):
     q = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), dtype=dtype,
                                     quantization_config=config, device_map={"": device})
     return q.eval().requires_grad_(False)
-
 
 
 @contextlib.contextmanager
@@ -230,9 +230,11 @@ def print_tables(before, attacks, on):
         print("| model | S | ES-exact V | ES-perturb V | ES-exact retain | Min-K%++ AUC V | control ES-exact V | recovery |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         keys = ("es_exact_v", "es_perturb_v", "es_exact_retain", "auc_min_k_pp_v")
-        print("| original | - | " + " | ".join(fmt(before["original"][k]) for k in keys) + " | | 1 |")
+        es = [before[m]["es_exact_v"] for m in ("unlearned", "original")]
+        print("| original | - | " + " | ".join(fmt(before["original"][k]) for k in keys)
+              + f" | | {fmt(recovery(es[1], *es))} |")
         print("| unlearned | 0 | " + " | ".join(fmt(before["unlearned"][k]) for k in keys)
-              + f" | {fmt(control and control['es_exact_v'])} | 0 |")
+              + f" | {fmt(control and control['es_exact_v'])} | {fmt(recovery(es[0], *es))} |")
         for a in relearnt:
             print(f"| relearnt | {a['steps']} | " + " | ".join(fmt(a[k]) for k in keys)
                   + f" | {fmt(a['control_es_exact_v'])} | {fmt(a['recovery'])} |")
@@ -241,8 +243,9 @@ def print_tables(before, attacks, on):
         print("| bits | ES-exact unlearn | ES-perturb unlearn | ES-exact retain | control ES-exact unlearn | recovery |")
         print("| --- | --- | --- | --- | --- | --- |")
         keys = ("es_exact_unlearn", "es_perturb_unlearn", "es_exact_retain")
+        es = [before[m]["es_exact_unlearn"] for m in ("unlearned", "original")]
         print("| none | " + " | ".join(fmt(before["unlearned"][k]) for k in keys)
-              + f" | {fmt(before['original']['es_exact_unlearn'])} | 0 |")
+              + f" | {fmt(es[1])} | {fmt(recovery(es[0], *es))} |")
         for a in quantized:
             print(f"| {a['bits']} | " + " | ".join(fmt(a[k]) for k in keys)
                   + f" | {fmt(a['control_es_exact_unlearn'])} | {fmt(a['recovery'])} |")
@@ -313,8 +316,7 @@ def main(argv=None):
             raise common.UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
         if not 0 < args.mia_k <= 1:
             raise common.UsageError(f"--mia-k must be in (0, 1], got {args.mia_k}")
-        if bits:
-            need_bitsandbytes()
+        library = bits and f"bitsandbytes {need_bitsandbytes()}"
         for m in (args.model, args.original, args.retain_model):  # a path that is not there, rather than a hub id
             if m and m not in common.PRESETS and common.missing_folder(m):
                 raise common.UsageError(f"model folder '{m}' does not exist")
@@ -423,8 +425,8 @@ def main(argv=None):
             control = relearn(retain_model, retain_tok, t_rows, steps, lr, batch_size, args.seed, args.template,
                               lambda m: measure(m, retain_tok, full=False), "relearn retain-only")
     attacks = []
-    for k, row in enumerate(relearnt):
-        c = control[k] if control else {}
+    for i, row in enumerate(relearnt):
+        c = control[i] if control else {}
         attacks.append(dict(attack="relearn", on=args.relearn_on, steps=row["steps"],
                             **{k: row[k] for k in ("es_exact_v", "es_perturb_v", "es_exact_retain", "auc_min_k_pp_v")},
                             **{f"control_{k}": c.get(k) for k in ("es_exact_v", "es_perturb_v", "es_exact_retain",
@@ -440,8 +442,7 @@ def main(argv=None):
                relearn=dict(on=args.relearn_on, steps=steps, lr=lr, batch_size=batch_size, author_rows=author_rows,
                             t=T, v=V) if steps else None,
                rows=dict(forget=len(forget), retain=len(sets["retain"]), holdout=len(holdout) if holdout else 0),
-               quantization=dict(bits=bits, library=f"bitsandbytes {__import__('bitsandbytes').__version__}")
-               if bits else None,
+               quantization=dict(bits=bits, library=library) if bits else None,
                seconds=round(time.time() - t0, 1), before=before, attacks=attacks, args=vars(args))
     eval_tofu.write_json(out, res)
     print_tables(before, attacks, args.relearn_on)
