@@ -21,8 +21,9 @@ Where the unlearned model climbs above the control, the knowledge was hidden, no
 Quantization (Zhang et al., ICLR 2025, "Catastrophic failure of LLM unlearning via quantization"):
 the model's linear layers in 8 and 4 bits (--quant-bits) by bitsandbytes, through transformers'
 BitsAndBytesConfig as the authors' code loads a model (LLM.int8; 4-bit FP4 in blocks of 64; the output
-layer stays as it is); ES-exact and ES-perturb on the forget split, ES-exact on the retain rows. The
-control: the original model under the same quantization.
+layer stays as it is); ES-exact and ES-perturb on the forget split, ES-exact on the retain rows, and the
+fraction of quantized weights whose code is the original model's (an update smaller than a quantization
+level leaves it). The control: the original model under the same quantization.
 
     python attack.py --model out/wga-tiny-forget05                       # -> out/wga-tiny-forget05/attack.json
     python attack.py --model RUN --relearn-on same-authors --relearn-steps 1,2,4 --quant-bits none
@@ -201,6 +202,21 @@ def quantize(model, bits: int):
     return q.eval().requires_grad_(False)
 
 
+def same_codes(q, q_original) -> float:
+    """The fraction of the quantized linear weights whose stored code (int8; 4-bit, two to a byte) is the same
+    in `q` as in `q_original`, each with its own scales: an unlearning update too small to move a weight to
+    another level leaves its code as it was (Zhang et al.'s explanation of the failure)."""
+    import bitsandbytes as bnb
+    n = same = 0
+    for name, m in q.named_modules():
+        if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+            a, b = m.weight.data, q_original.get_submodule(name).weight.data
+            if isinstance(m, bnb.nn.Linear4bit):
+                a, b = torch.stack([a >> 4, a & 15]), torch.stack([b >> 4, b & 15])
+            n, same = n + a.numel(), same + (a == b).sum().item()
+    return same / n
+
+
 @contextlib.contextmanager
 def quiet_int8():
     """bitsandbytes' 8-bit matmul logs at every call on a float32 model that it casts its inputs to float16
@@ -240,15 +256,16 @@ def print_tables(before, attacks, on):
                   + f" | {fmt(a['control_es_exact_v'])} | {fmt(a['recovery'])} |")
     if quantized:
         print("\nquantization (bitsandbytes); control: the original model quantized alike")
-        print("| bits | ES-exact unlearn | ES-perturb unlearn | ES-exact retain | control ES-exact unlearn | recovery |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| bits | ES-exact unlearn | ES-perturb unlearn | ES-exact retain | control ES-exact unlearn | recovery | "
+              "codes as the original's |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         keys = ("es_exact_unlearn", "es_perturb_unlearn", "es_exact_retain")
         es = [before[m]["es_exact_unlearn"] for m in ("unlearned", "original")]
         print("| none | " + " | ".join(fmt(before["unlearned"][k]) for k in keys)
-              + f" | {fmt(es[1])} | {fmt(recovery(es[0], *es))} |")
+              + f" | {fmt(es[1])} | {fmt(recovery(es[0], *es))} | |")
         for a in quantized:
             print(f"| {a['bits']} | " + " | ".join(fmt(a[k]) for k in keys)
-                  + f" | {fmt(a['control_es_exact_unlearn'])} | {fmt(a['recovery'])} |")
+                  + f" | {fmt(a['control_es_exact_unlearn'])} | {fmt(a['recovery'])} | {fmt(a['same_codes'])} |")
 
 
 def load(path, trust_remote_code=False):
@@ -395,14 +412,14 @@ def main(argv=None):
     quantized = []
     with quiet_int8():
         for b in bits:
-            q = quantize(original_model, b)
-            control = measure_forget(q, original_tok, sets, args.template, args.batch_size, retain=False)
-            del q
+            q_original = quantize(original_model, b)
+            control = measure_forget(q_original, original_tok, sets, args.template, args.batch_size, retain=False)
             q = quantize(model, b)
             res = measure_forget(q, tokenizer, sets, args.template, args.batch_size)
-            del q
+            codes = same_codes(q, q_original)
+            del q, q_original
             quantized.append(dict(attack="quantize", bits=b, **res,
-                                  **{f"control_{k}": v for k, v in control.items()},
+                                  **{f"control_{k}": v for k, v in control.items()}, same_codes=codes,
                                   recovery=recovery(res["es_exact_unlearn"], before["unlearned"]["es_exact_unlearn"],
                                                     before["original"]["es_exact_unlearn"])))
             print(f"quantize {b} bits | " + " | ".join(f"{k} {v:.4f}" for k, v in quantized[-1].items()

@@ -112,7 +112,7 @@ def test_attack_json(attacked):
     T, V = d["relearn"]["t"], d["relearn"]["v"]
     assert (T, V) == attack.author_split(10, 10, 0, "same-authors") and d["rows"] == dict(forget=10, retain=16,
                                                                                            holdout=10)
-    assert "| relearnt | 2 |" in stdout and "| 4 |" in stdout
+    assert "| relearnt | 2 |" in stdout and "| 4 |" in stdout and all(0 <= a["same_codes"] <= 1 for a in quantized)
     assert out.with_name("attack-relearn.png").stat().st_size > 0
 
 
@@ -163,6 +163,13 @@ def test_quantized_linear_layers(tiny_path):
         got = bnb.functional.dequantize_4bit(l4.weight.data, qs).reshape(-1, 64) / qs.absmax[:, None]
         nearest = (x[..., None] - levels).abs().min(-1).values
         assert ((x - got).abs() <= nearest + 1e-3).all() and (got[..., None] - levels).abs().min(-1).values.max() < 1e-3
+    # same_codes: 1 against itself; one layer's weights negated change exactly its nonzero int8 codes
+    assert attack.same_codes(q8, q8) == 1 == attack.same_codes(q4, q4)
+    flipped = common.load_model(tiny_path, frozen=True)
+    flipped.get_submodule(linear[3]).weight.neg_()
+    nonzero = (q8.get_submodule(linear[3]).weight.data != 0).sum().item()
+    total = sum(q8.get_submodule(n).weight.numel() for n in linear)
+    assert attack.same_codes(attack.quantize(flipped, 8), q8) == pytest.approx(1 - nonzero / total, abs=1e-12)
     for q in (q8, q4):
         assert type(q.lm_head) is torch.nn.Linear and torch.equal(q.lm_head.weight, model.lm_head.weight)
         assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
