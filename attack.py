@@ -187,17 +187,18 @@ def need_bitsandbytes() -> str:
     return bitsandbytes.__version__
 
 
-def quantize(model, bits: int):
+def quantize(model, bits: int, dtype=None):
     """A copy of `model` (its weights in memory) with every linear layer but the output layer quantized to
     `bits` by bitsandbytes, through transformers' BitsAndBytesConfig as Zhang et al.'s code loads a model:
     load_in_8bit (LLM.int8: int8 weights with a scale per output row, outlier inputs above 6 kept in 16 bits)
-    or load_in_4bit (FP4, a scale per block of 64 weights, float32 compute), the defaults otherwise."""
+    or load_in_4bit (FP4, a scale per block of 64 weights, float32 compute), the defaults otherwise. `dtype`: of
+    the layers left in floating point (default: the project's, common.device_and_dtype)."""
     from transformers import BitsAndBytesConfig
     from transformers.utils import logging
     logging.disable_progress_bar()
     config = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
-    device, dtype = common.device_and_dtype()
-    q = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), dtype=dtype,
+    device, default = common.device_and_dtype()
+    q = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), dtype=dtype or default,
                                     quantization_config=config, device_map={"": device})
     return q.eval().requires_grad_(False)
 

@@ -163,6 +163,12 @@ def test_quantized_linear_layers(tiny_path):
         got = bnb.functional.dequantize_4bit(l4.weight.data, qs).reshape(-1, 64) / qs.absmax[:, None]
         nearest = (x[..., None] - levels).abs().min(-1).values
         assert ((x - got).abs() <= nearest + 1e-3).all() and (got[..., None] - levels).abs().min(-1).values.max() < 1e-3
+    # quantized from the weights in memory: the bytes of the authors' route, the folder loaded with the config
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    disk = AutoModelForCausalLM.from_pretrained(tiny_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+                                                dtype=torch.float32, device_map="cpu").state_dict()
+    mine = q4.state_dict()
+    assert disk.keys() == mine.keys() and all(torch.equal(disk[k], mine[k]) for k in disk if torch.is_tensor(disk[k]))
     # same_codes: 1 against itself; one layer's weights negated change exactly its nonzero int8 codes
     assert attack.same_codes(q8, q8) == 1 == attack.same_codes(q4, q4)
     flipped = common.load_model(tiny_path, frozen=True)
