@@ -28,6 +28,17 @@ def pytest_configure(config):
         common.model_path("tiny")
 
 
+# The longest files first: with one file to a worker (pytest.ini), a long file reached last would
+# keep one worker busy while the others wait.
+LONGEST = ("test_sweep.py", "test_objectives.py", "test_distributed.py", "test_lora.py", "test_nothing_to_unlearn.py",
+           "test_eval.py", "test_figures.py", "test_architectures.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def tofu_dir():
     if not any((TOFU / f"full{ext}").is_file() for ext in (".json", ".jsonl")):

@@ -315,7 +315,7 @@ def test_eval_command(tiny_path, tmp_path):
     ratios = retain_stats(tmp_path / "rs.json")
     model = model_copy(tiny_path, tmp_path / "m")
     r = run_script("eval_tofu.py", "--model", str(model), "--max-samples", "6", "--retain-stats",
-                   str(tmp_path / "rs.json"), "--batch-size", "4")
+                   str(tmp_path / "rs.json"), "--batch-size", "4", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     assert ("| ES-exact retain ↑ | ES-exact unlearn ↓ | ES-perturb retain ↑ | ES-perturb unlearn ↓ | MU ↑ | log10 FQ ↑ "
             "| PrivLeak → 0 | Min-K%++ AUC → 0.5 |") in r.stdout.splitlines()
@@ -339,7 +339,7 @@ def test_eval_without_retain_reference(tiny_path, tmp_path):
     """A folder that names no preset: FQ is reported as unavailable, never as a number."""
     model = model_copy(tiny_path, tmp_path / "m", with_args=False)
     r = run_script("eval_tofu.py", "--model", str(model), "--data", "builtin", "--max-samples", "3",
-                   "--out", str(tmp_path / "o" / "e.json"))
+                   "--max-new-tokens", "4", "--out", str(tmp_path / "o" / "e.json"))
     assert r.returncode == 0, r.stderr
     d = json.load(open(tmp_path / "o" / "e.json"))
     assert d["forget_quality"] is None and d["log10_forget_quality"] is None and "unavailable" in d["fq_reference"]

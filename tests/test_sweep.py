@@ -13,6 +13,7 @@ import sweep
 import uwc
 from conftest import ROOT, run_main
 
+QA = "Question: {q}\nAnswer: {a}"
 SCORES = ("es_exact_retain", "es_exact_unlearn", "es_perturb_retain", "es_perturb_unlearn")
 
 
@@ -40,13 +41,22 @@ def test_one_configuration_equals_the_script_and_uwc(tmp_path):
     assert row["method"] == "ga" and row["params"] == {} and 0 < row["lam"] < 1
     r = run_main("ga.py", "--split", "forget01", "--reg", "kl", "--no-eval", "--out", str(tmp_path / "ga"))
     assert r.returncode == 0, r.stderr
+    # uwc.py's search on all 400 held-out rows; its final evaluation on one row only (it is not compared)
     r = run_main("uwc.py", "--model", str(tmp_path / "ga"), "--split", "forget01", "--tol", "0.02",
-                   "--retain-stats", retain_stats(tmp_path / "stats.json"))
+                 "--retain-stats", retain_stats(tmp_path / "stats.json"), "--max-samples", "1")
     assert r.returncode == 0, r.stderr
-    res = json.load(open(tmp_path / "ga-uwc" / "uwc.json"))
-    assert row["lam"] == res["lam"]
+    assert row["lam"] == json.load(open(tmp_path / "ga-uwc" / "uwc.json"))["lam"]
+    # the four ES values of the mixed model uwc.py saved, computed here row by row on the sweep's sets
+    import common
+    import eval_tofu
+    model, tok = common.load_model(str(tmp_path / "ga-uwc"), frozen=True), common.load_tokenizer(str(tmp_path / "ga"))
+    d, sets = common.split_data("forget01"), eval_tofu.load_sets("forget01", "builtin")
+    es = lambda rows, q="question": sum(eval_tofu.es_exact(model, tok, rows, QA, question=q)) / len(rows)
+    want = dict(es_exact_retain=es(d["retain_eval"]), es_exact_unlearn=es(d["forget"]),
+                es_perturb_retain=es(sets["retain"][1], "paraphrased_question"),
+                es_perturb_unlearn=es(sets["forget"][1], "paraphrased_question"))
     for k in SCORES:  # the same weights, the same batches: equal, not close
-        assert row[k] == res["summary"][k], k
+        assert row[k] == want[k], k
 
 
 def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
@@ -91,7 +101,8 @@ def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
 
 
 def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
-    args = ["sweep.py", "--method", "wga", "--split", "forget01", "--grid", "1,5", "--tol", "0.02",
+    # a tolerance that each configuration meets unmixed (lam* = 1 at the first probe): the resume is the point
+    args = ["sweep.py", "--method", "wga", "--split", "forget01", "--grid", "1,5", "--tol", "0.9",
             "--no-table1"]
     r = run_main(*args, "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
