@@ -9,7 +9,7 @@ of the built-in set, with KL and without a regularizer, 20 steps, every step mea
 - the steps where the paper's sign is wrong;
 - the size: the median over the steps of |actual| / |prediction| and of |prediction - actual| / |actual|.
 
-    python benchmarks/geffect_delta.py               # 14 runs, ~15 minutes on 2 cores -> docs/geffect_delta.{json,png}
+    python benchmarks/geffect_delta.py               # 14 runs, 10.7 minutes, one thread on 2 busy cores -> docs/geffect_delta.{json,png}
     python benchmarks/geffect_delta.py --from-runs   # the summary and the figure again, from the runs in out/
 
 Runs go to out/figures/delta-<method>-<reg>. The figure (`python figures.py delta RUN...`) has the

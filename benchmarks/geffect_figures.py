@@ -2,7 +2,7 @@
 The README's G-effect figures: all seven methods on forget05 of the built-in set, the G-effect
 measured at every step, with the KL regularizer and without one.
 
-    python benchmarks/geffect_figures.py             # ~5 minutes on 2 cores; writes docs/geffect_*.png
+    python benchmarks/geffect_figures.py             # 7.6 minutes, one thread on 2 busy cores; writes docs/geffect_*.png
 
 Runs go to out/figures/<method>-<reg>; the plots are docs/geffect_kl.png and docs/geffect_none.png,
 plus a JSON summary of the curves (docs/geffect_summary.json).

@@ -2,7 +2,7 @@
 The paper's other G-effect figures on forget05 of the built-in set (tiny model, 20 steps, every
 step measured), drawn by `figures.py panels` and `figures.py pointwise` into docs/:
 
-    OMP_NUM_THREADS=1 python benchmarks/geffect_paper_figures.py    # 15 runs: 543 s (9 min) on 2 busy cores
+    OMP_NUM_THREADS=1 python benchmarks/geffect_paper_figures.py    # 15 runs: 767 s (13 min) on 2 busy cores
     python benchmarks/geffect_paper_figures.py --draw-only          # redraw from the runs already in out/figures/paper/
 
 - NPO, beta 0.5 / 1 / 2, no regularizer, with --geffect-pointwise: docs/geffect_npo_beta.png (Figures 4/11),
@@ -12,7 +12,7 @@ step measured), drawn by `figures.py panels` and `figures.py pointwise` into doc
   two thirds, the last) x c 0 / 1 / 5, no regularizer: docs/geffect_rmu.png (Figure 12);
 - NPO (beta 0.5) with --reg gd / kl / rr: docs/geffect_reg.png (Figure 8, the paper's objective there).
 
-The point-wise NPO runs took about 72 s each (a backward per sample), the others 19-47 s; drawing the five figures takes about 12 s.
+The point-wise NPO runs took 85-108 s each (a backward per sample), the others 18-65 s, one thread on busy cores.
 
 The objective-only runs (NPO, RMU) use --reg none, as the paper's Sections 4.2-4.3 study the
 objectives alone; the method scripts' default is KL. Runs go to out/figures/paper/<name>.
