@@ -165,6 +165,8 @@ def add_unlearn_flags(parser):
     a("--reg-weight", type=float, default=1.0, help="weight of the regularizer")
     a("--rr-layer", type=int, default=None, help="hidden state for --reg rr (default: the preset's RMU layer)")
     a("--no-eval", action="store_true", help="skip the ES-exact before and after unlearning")
+    a("--max-samples", type=int, default=None, help="the ES-exact before and after on the first N forget and "
+                                                     "held-out retain rows only, for a quick check (default: all)")
     a("--no-save", action="store_true", help="write the run folder's logs but not the model's weights")
     add_min_forget_es(parser)
 
@@ -234,6 +236,8 @@ def resolve_flags(args, finetune=False):
         check_batch(args)
     if args.warmup_epochs < 0 or args.max_grad_norm < 0 or args.max_steps < 0 or args.log_every < 1:
         raise UsageError("--warmup-epochs, --max-grad-norm and --max-steps must be >= 0, --log-every >= 1")
+    if getattr(args, "max_samples", None) is not None and args.max_samples < 1:
+        raise UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
     if getattr(args, "reg_weight", 0) < 0:
         raise UsageError(f"--reg-weight must be >= 0, got {args.reg_weight}")
     if getattr(args, "rr_layer", 0) is None:

@@ -158,13 +158,13 @@ def es_exact(model, tokenizer, rows, template, batch_size=64, question="question
     return es
 
 
-def quick_es(model, tokenizer, split, template, batch_size=64, with_eos=False):
+def quick_es(model, tokenizer, split, template, batch_size=64, with_eos=False, max_samples=None):
     """Mean ES-exact on the forget rows and on the held-out retain rows of `split` (a
-    common.split_data dict): what the method scripts print before and after unlearning."""
-    return dict(forget=mean(es_exact(model, tokenizer, split["forget"], template, batch_size, with_eos=with_eos),
-                            "ES-exact", "forget"),
-                retain=mean(es_exact(model, tokenizer, split["retain_eval"], template, batch_size, with_eos=with_eos),
-                            "ES-exact", "held-out retain"))
+    common.split_data dict), or on the first `max_samples` of each (--max-samples): what the method
+    scripts print before and after unlearning."""
+    es = lambda rows, where: mean(es_exact(model, tokenizer, rows[:max_samples], template, batch_size,
+                                           with_eos=with_eos), "ES-exact", where)
+    return dict(forget=es(split["forget"], "forget"), retain=es(split["retain_eval"], "held-out retain"))
 
 
 def finite(xs, metric=None, where=None):

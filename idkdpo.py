@@ -79,7 +79,8 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     probe = geffect.Probe(args, model, tokenizer, data["retain_eval"], run.tmp)  # off unless --geffect-every
     print(f"{args.out}: {len(forget)} forget rows | reg {args.reg} | {total} steps | lr {args.lr:g} | {device}")
 
-    es_before = None if args.no_eval else eval_tofu.quick_es(model, tokenizer, data, args.template)
+    es_before = None if args.no_eval else eval_tofu.quick_es(model, tokenizer, data, args.template,
+                                                             max_samples=args.max_samples)
     # nothing to unlearn when the target model does not know the forget rows: say so before the first step
     eval_tofu.check_forget_es(model, tokenizer, data, args.template, args.min_forget_es, es_before)
 
@@ -116,7 +117,7 @@ def main(argv=None, loaded=None):  # loaded: models already in memory (sweep.py)
     probe.close()
     summary = dict(seconds=time.time() - t0, steps=total)
     if not args.no_eval:  # ES-exact of the forget rows and of the 400 held-out retain rows
-        es_after = eval_tofu.quick_es(model, tokenizer, data, args.template)
+        es_after = eval_tofu.quick_es(model, tokenizer, data, args.template, max_samples=args.max_samples)
         summary.update(es_before=es_before, es_after=es_after)
         print(f"ES-exact forget {es_before['forget']:.4f} -> {es_after['forget']:.4f} | "
               f"retain {es_before['retain']:.4f} -> {es_after['retain']:.4f}")

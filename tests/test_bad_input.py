@@ -55,6 +55,7 @@ CASES = {  # name: (script, flags or a function making them, what the line must 
     "model folder without weights": ("ga.py", model_without_weights, "no file named model.safetensors"),
     "model folder that does not exist": ("ga.py", ["--model", "./no/such/model"], "model folder './no/such/model'"),
     "zero batch": ("ga.py", ["--batch-size", "0"], "--batch-size and --grad-accum must be >= 1, got 0 and 1"),
+    "zero --max-samples": ("npo.py", ["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
     "default batch and --grad-accum": ("wga.py", ["--split", "forget01", "--grad-accum", "4"],
                                        "must divide the default batch of 10 rows (the whole forget set)"),
     "D_r beyond the held-out rows": ("npo.py", ["--geffect-every", "1", "--geffect-retain", "401"],

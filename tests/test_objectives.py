@@ -221,7 +221,7 @@ def test_two_steps(method, reg, tiny_path, tmp_path, capsys):
     import importlib
     out = tmp_path / "run"
     importlib.import_module(method).main(["--reg", reg, "--max-steps", "2", "--batch-size", "4", "--grad-accum", "2",
-                                          "--out", str(out)])
+                                          "--max-samples", "8", "--out", str(out)])
     stdout = capsys.readouterr().out
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [x["step"] for x in log] == [1, 2]
@@ -235,6 +235,20 @@ def test_two_steps(method, reg, tiny_path, tmp_path, capsys):
     summary = json.load(open(out / "summary.json"))  # ES-exact before -> after, also printed
     assert summary["es_before"]["forget"] == 1.0 and 0 <= summary["es_after"]["retain"] <= 1
     assert f"ES-exact forget {summary['es_before']['forget']:.4f} -> {summary['es_after']['forget']:.4f}" in stdout
+
+
+def test_max_samples_takes_the_es_on_the_first_rows(tiny_path, tmp_path):
+    """--max-samples 3: the ES before and after unlearning on the first 3 forget and held-out retain rows."""
+    import common
+    import eval_tofu
+    r = run_main("ga.py", "--max-steps", "2", "--lr", "0.01", "--max-samples", "3", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    after = json.load(open(tmp_path / "run" / "summary.json"))["es_after"]
+    model, tok = common.load_model(str(tmp_path / "run"), frozen=True), common.load_tokenizer(tiny_path)
+    d = common.split_data("forget05")
+    for key, rows in (("forget", d["forget"]), ("retain", d["retain_eval"])):
+        es = eval_tofu.es_exact(model, tok, rows[:3], common.QA_TEMPLATE)
+        assert after[key] == sum(es) / 3, key
 
 
 @pytest.mark.parametrize("method,argv,msg", [
