@@ -489,6 +489,8 @@ def tiny_path(config: str, data: str = "builtin") -> str:
     path = str(tiny_dir(data) / config)
 
     def find_or_build():
+        if not (os.path.isdir(path) and os.listdir(path)):
+            load_tofu(config, data)  # bad data fails here, in one line, before anything is written or announced
         from filelock import FileLock  # (the hub client's own dependency) two first uses at once: one build
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path + ".lock"):
@@ -497,7 +499,6 @@ def tiny_path(config: str, data: str = "builtin") -> str:
     def check_or_build():
         if os.path.isdir(path) and os.listdir(path):  # the preset's own build, or one line that says how to rebuild it
             return check_preset_model(path, data, config)
-        load_tofu(config, data)  # bad data fails here, in one line, before a build is announced
         t0 = time.time()
         what = ("the tiny target model (the model before unlearning that --model tiny loads)" if config == "full" else
                 f"the tiny retain-only model of {config} (Forget Quality compares against it; "

@@ -84,17 +84,23 @@ def test_relearning_goes_on_from_one_S_to_the_next(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def attacked(unlearned, tmp_path_factory):
+def attacked(unlearned, tiny_path, tmp_path_factory):
+    """attack.py with its defaults; the tiny preset's retain-only model is a stand-in here (a copy of the
+    target model: the real retain99 takes minutes to fine-tune on first use)."""
     pytest.importorskip("bitsandbytes")  # in requirements.txt: only a partial install lacks it
-    out = tmp_path_factory.mktemp("attacked") / "attack.json"
-    r = run_main("attack.py", "--model", unlearned, "--relearn-on", "same-authors", "--relearn-steps", "1,2",
-                 "--quant-bits", "8,4", "--max-samples", "16", "--out", out)
+    root = tmp_path_factory.mktemp("attacked")
+    stand_in = str(shutil.copytree(tiny_path, root / "retain99"))
+    out = root / "attack.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval_tofu, "tiny_retain_model", lambda split, data="builtin": stand_in)
+        r = run_main("attack.py", "--model", unlearned, "--relearn-on", "same-authors", "--relearn-steps", "1,2",
+                     "--quant-bits", "8,4", "--max-samples", "16", "--out", out)
     assert r.returncode == 0, r.stderr
-    return json.loads(out.read_text()), r.stdout, out
+    return json.loads(out.read_text()), r.stdout, out, stand_in
 
 
 def test_attack_json(attacked):
-    d, stdout, out = attacked
+    d, stdout, out, _ = attacked
     assert d["split"] == "forget01" and d["original"] == str(common.tiny_dir() / "full")  # from the run's args.json
     keys = {"es_exact_v", "es_perturb_v", "es_exact_retain", "auc_min_k_pp_v", "es_exact_unlearn", "es_perturb_unlearn"}
     assert set(d["before"]["unlearned"]) == keys == set(d["before"]["original"]) == set(d["before"]["retain_only"])
@@ -118,9 +124,9 @@ def test_attack_json(attacked):
 
 
 def test_the_control_is_the_retain_only_model(attacked):
-    """The control's numbers are the retain-only model's (out/tiny/retain99 for forget01), relearnt on T alike."""
-    d, _, _ = attacked
-    retain = eval_tofu.tiny_retain_model("forget01")
+    """The control's numbers are the retain-only model's (for forget01 the tiny preset's retain99, a stand-in
+    here), relearnt on T alike."""
+    d, _, _, retain = attacked
     assert d["retain_model"] == retain
     tok, model = attack.load(retain)
     forget = common.load_tofu("forget01_perturbed")

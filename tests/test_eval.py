@@ -457,7 +457,7 @@ def test_bad_input(case, msg, tmp_path, tiny_path, capsys):
         eval_tofu.main(argv + ["--out", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
-    assert not out.parent.exists()
+    assert not out.parent.exists() and not common.tiny_dir(str(tmp_path / "nowhere")).exists()  # nothing written
 
 
 def test_bad_input_from_the_command_line(tmp_path):
