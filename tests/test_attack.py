@@ -193,8 +193,10 @@ def test_quantized_linear_layers(tiny_path):
 
 # ----------------------------------------------------------------------------- any model folder, a LoRA run
 
-def test_a_lora_run_and_a_plain_folder(tmp_path):
+def test_a_lora_run_and_a_plain_folder(tmp_path, tiny_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
+    stand_in = str(shutil.copytree(tiny_path, tmp_path / "retain99"))  # for the real one's minutes of fine-tuning
+    monkeypatch.setattr(eval_tofu, "tiny_retain_model", lambda split, data="builtin": stand_in)
     lora = tmp_path / "lora"
     r = run_main("ga.py", "--split", "forget01", "--lora-r", "4", "--max-steps", "1", "--no-eval", "--out", lora)
     assert r.returncode == 0, r.stderr
