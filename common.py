@@ -488,17 +488,20 @@ def tiny_path(config: str, data: str = "builtin") -> str:
     torchrun rank 0 builds it while the others wait; another process that needs it meanwhile waits too."""
     path = str(tiny_dir(data) / config)
 
+    built = lambda: os.path.isdir(path) and bool(os.listdir(path))  # a build moves into place whole (Run)
+
     def find_or_build():
-        if not (os.path.isdir(path) and os.listdir(path)):
-            load_tofu(config, data)  # bad data fails here, in one line, before anything is written or announced
+        if built():  # the preset's own build, or one line that says how to rebuild it
+            return check_preset_model(path, data, config)
+        load_tofu(config, data)  # bad data fails here, in one line, before anything is written or announced
         from filelock import FileLock  # (the hub client's own dependency) two first uses at once: one build
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(path + ".lock"):
-            return check_or_build()
+        with FileLock(path + ".lock"):  # only where a build may start: a cached model is read without it
+            if built():  # built by another process while this one waited
+                return check_preset_model(path, data, config)
+            build()
 
-    def check_or_build():
-        if os.path.isdir(path) and os.listdir(path):  # the preset's own build, or one line that says how to rebuild it
-            return check_preset_model(path, data, config)
+    def build():
         t0 = time.time()
         what = ("the tiny target model (the model before unlearning that --model tiny loads)" if config == "full" else
                 f"the tiny retain-only model of {config} (Forget Quality compares against it; "

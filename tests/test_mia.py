@@ -2,7 +2,6 @@
 against a count of pairs, PrivLeak, and what the command writes and prints."""
 import json
 import math
-import os
 import zlib
 
 import pytest
