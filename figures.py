@@ -665,6 +665,42 @@ def relearn(paths, out, dpi=110) -> str:
     return _save(fig, out, dpi)
 
 
+def table1_relearn(table1_json, out, dpi=110) -> str:
+    """sweep.py --attacks' figure: ES-exact on V against the relearning steps S, one panel per split, one line per
+    Table 1 pick (the mean over its seeds), the control (the retain-only model relearnt alike) dashed black, the
+    model before unlearning dotted grey. S = 0 is each model before relearning. Returns the path written."""
+    d = read_json(Path(table1_json), "give a table1.json that sweep.py --attacks wrote")
+    cells = [c for c in d.get("cells", []) if "attacks" in c] if isinstance(d, dict) else []
+    if not cells:
+        raise common.UsageError(f"{table1_json} holds no attack columns: run sweep.py with --attacks")
+    splits = [sp for sp in common.SPLITS if any(c["split"] == sp for c in cells)]
+    steps = [0] + [x["steps"] for x in d["attacks"][0]["relearn"]]
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.6 * len(splits), 3.8), squeeze=False)
+    methods = list(dict.fromkeys(c["method"] for c in cells if c["method"] is not None))
+    for ax, sp in zip(axes[0], splits):
+        for c in (c for c in cells if c["split"] == sp):
+            y = c["attacks"]["es_exact_v_mean"]
+            if c["method"] is None:
+                ax.plot(steps, y, ":", color="grey", label="before unlearning")
+            else:
+                k = methods.index(c["method"])
+                ax.plot(steps, y, marker="o", ms=3, lw=1.2, color=f"C{k % 10}", ls="-" if k < 10 else "-.",
+                        label=TITLES.get(c["method"], c["method"].upper()))
+        ctl = (d.get("attack_controls") or {}).get(sp) or {}
+        if ctl.get("relearn"):
+            ax.plot(steps, [ctl["before_v"]["es_exact_v"]] + [x["es_exact_v"] for x in ctl["relearn"]], "s--",
+                    color="black", ms=3, lw=1.2, label="control (retain-only)")
+        ax.set_title(f"{sp} (T, V: {ctl.get('on', 'other-authors')})", fontsize=9)
+        ax.set_xticks(steps)
+        ax.set_xlabel("relearning steps S on T")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ES-exact on V")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    _legend_below(fig, handles, labels)
+    return _save(fig, figure_path(out), dpi)
+
+
 # ---------------------------------------------------------------- tuning: sweep.py's tuning curves (Tables 2-10)
 
 TITLES = dict(simnpo="SimNPO", satimp="SatImp", idkdpo="IdkDPO")  # the others: the script's name in capitals

@@ -48,6 +48,7 @@ from types import SimpleNamespace
 
 import torch
 
+import attack
 import common
 import eval_tofu
 import uwc
@@ -64,6 +65,7 @@ GRIDS = dict(ga={}, po={}, wga=dict(alpha=GRID), npo=dict(beta=GRID), tnpo=dict(
              idkdpo=dict(beta=GRID), undial=dict(beta=(1, 3, 10, 30, 100)))
 SWEPT = dict(wga="alpha", npo="beta", tnpo="beta", wtnpo="beta", rmu="c", simnpo="beta", satimp="beta1",
              idkdpo="beta", undial="beta")  # what --grid replaces
+MIA_K = 0.4  # Min-K%'s k for PrivLeak and Min-K%++ (eval_tofu.py's and attack.py's default)
 # the values each method script accepts (its own checks, said once more so that a bad grid fails first)
 VALID = dict(alpha=(lambda v: v >= 0, ">= 0"), beta=(lambda v: v > 0, "> 0"), c=(lambda v: True, "a number"),
              gamma=(lambda v: True, "a number"), beta1=(lambda v: v >= 0, ">= 0"), beta2=(lambda v: v >= 0, ">= 0"))
@@ -315,6 +317,86 @@ class Sweep:
                     log10_forget_quality=log_fq, log10_forget_quality_bound=bound)
 
 
+    # ------------------------------------------------------------------------- the attacks (--attacks)
+
+    def attack_sets(self, split: str) -> dict:
+        """attack.py's sets for `split`: the forget rows (with their paraphrases), T and V cut by author with the
+        sweep's --seed (one cut for every method, so that one control serves them all), the held-out retain rows
+        and the holdout rows (the first --max-samples of those two), and the rows Table 1's PrivLeak compares."""
+        s = self.split(split)
+        if "attack" not in s:
+            import fictitious
+            a, n = self.args, getattr(self.args, "max_samples", None)
+            forget = common.load_tofu(f"{split}_perturbed", self.data)
+            author_rows = len(fictitious.QA) if self.data == "builtin" else 20
+            on = a.relearn_on if len(forget) // author_rows >= 2 else "same-authors"  # one author: halves of it
+            attack.check_split(len(forget), author_rows, on, split)
+            T, V = attack.author_split(len(forget), author_rows, a.seed, on)
+            p = common.PRESETS.get(self.preset, common.OTHER)
+            if self.data != "builtin" and "other_data" in p:
+                p = {**p, **p["other_data"]}
+            s["attack"] = dict(sets=dict(forget=forget, retain=s["data"]["retain_eval"][:n], v=[forget[i] for i in V],
+                                         holdout=eval_tofu.holdout_rows(split, self.data, n)),
+                               t_rows=[s["data"]["forget"][i] for i in T], on=on, t=T, v=V,
+                               lr=p["finetune_lr"], batch_size=min(p["finetune_batch"], len(T)),
+                               leak_rows=self.table1_sets(split)["forget"][0], leak_holdout=eval_tofu.holdout_rows(
+                                   split, self.data, n))
+        return s["attack"]
+
+    def min_k_auc(self, model, tokenizer, split: str) -> float:
+        """The Min-K% AUC of Table 1's forget rows against the holdout rows (PrivLeak's s or r)."""
+        at = self.attack_sets(split)
+        enc = lambda rows: common.encode_rows(tokenizer, self.template, rows)
+        f = eval_tofu.score(model, tokenizer, enc(at["leak_rows"]), self.args.batch_size, mia_k=MIA_K)[2]["min_k"]
+        h = eval_tofu.score(model, tokenizer, enc(at["leak_holdout"]), self.args.batch_size, mia_k=MIA_K)[2]["min_k"]
+        return eval_tofu.auc(f, h, "Min-K%")
+
+    def relearn(self, model, tokenizer, split: str) -> tuple:
+        """attack.py's relearning of `model` in place on T, for each S of --relearn-steps: (V before, [after S])."""
+        at, a = self.attack_sets(split), self.args
+        measure = lambda m: attack.measure_v(m, tokenizer, at["sets"], self.template, a.batch_size, MIA_K)
+        before = measure(model)
+        trainable = [p.requires_grad for p in model.parameters()]
+        with redirect_stdout(open(os.devnull, "w")):  # attack.relearn's line per S
+            rows = attack.relearn(model, tokenizer, at["t_rows"], a.relearn_steps, at["lr"], at["batch_size"], a.seed,
+                                  self.template, measure)
+        for p, g in zip(model.parameters(), trainable):
+            p.requires_grad_(g)
+        return before, rows
+
+    def attack_control(self, split: str, retain_path) -> dict:
+        """What the attacks are read against, once per split: the retain-only model's Min-K% AUC (r of PrivLeak)
+        and its relearning on T (the control of ES on V); None for each without a retain-only model."""
+        at = self.attack_sets(split)
+        out = dict(split=split, on=at["on"], t=at["t"], v=at["v"], lr=at["lr"], batch_size=at["batch_size"],
+                   retain_model=retain_path, retain_min_k_auc=None, before_v=None, relearn=None)
+        if retain_path is not None:
+            model, tokenizer = common.load_model(retain_path, frozen=True), common.load_tokenizer(retain_path)
+            out["retain_min_k_auc"] = self.min_k_auc(model, tokenizer, split)
+            out["before_v"], out["relearn"] = self.relearn(model, tokenizer, split)
+        return out
+
+    def attack(self, method, split: str, params: dict, control: dict, theta_u: dict = None) -> dict:
+        """The three attacks of attack.py on theta_u (method None: the original model), in memory: PrivLeak of
+        Table 1's forget rows against the holdout rows, ES after 4-bit quantization, and relearning on T with ES
+        on V after each S. The model is left relearnt (every later use resets it)."""
+        if method is None:
+            reset_(self.model, self.ref_model)
+        else:
+            uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
+        self.model.eval()
+        at, a = self.attack_sets(split), self.args
+        auc = self.min_k_auc(self.model, self.tokenizer, split)
+        with attack.quiet_int8():
+            q = attack.quantize(self.model, 4)
+            quant = attack.measure_forget(q, self.tokenizer, at["sets"], self.template, a.batch_size)
+        del q
+        before_v, relearnt = self.relearn(self.model, self.tokenizer, split)
+        return dict(method=method, split=split, params=params, auc_min_k=auc,
+                    privleak=eval_tofu.privleak(auc, control["retain_min_k_auc"]), quant4=quant, before_v=before_v,
+                    relearn=relearnt)
+
+
 def rank(row: dict) -> tuple:
     """The pick's rule: the lowest unlearn ES-exact after UWC, then the lowest unlearn ES-perturb;
     exact ties (frequent on a small forget set) go to the higher retain ES-exact, then to the
@@ -324,6 +406,15 @@ def rank(row: dict) -> tuple:
 
 
 # ----------------------------------------------------------------------------- Forget Quality's reference
+
+def retain_path(sweep: Sweep, split: str):
+    """The retain-only model's folder for `split`: --retain-model ({split} replaced by the split), else the tiny
+    preset's own of the same data (built on first use), else None."""
+    path = sweep.args.retain_model and sweep.args.retain_model.replace("{split}", split)
+    if path is None and sweep.preset == "tiny":
+        path = eval_tofu.tiny_retain_model(split, sweep.data)
+    return None if path is None else common.model_path(path, sweep.data)
+
 
 def fq_reference(sweep: Sweep, split: str):
     """The retain-only model's forget truth ratios for `split`, or None (FQ n/a): --retain-stats or
@@ -335,12 +426,9 @@ def fq_reference(sweep: Sweep, split: str):
         if q[:len(pert)] != [p["question"] for p in pert]:
             raise common.UsageError(f"--retain-stats for {split} was computed on other forget rows")
         return r[:len(pert)]
-    path = a.retain_model and a.retain_model.replace("{split}", split)
-    if path is None and sweep.preset == "tiny":
-        path = eval_tofu.tiny_retain_model(split, sweep.data)  # of the same data, built on first use
+    path = retain_path(sweep, split)
     if path is None:
         return None
-    path = common.model_path(path, sweep.data)
     return eval_tofu.forget_truth_ratios(common.load_model(path, frozen=True), common.load_tokenizer(path),
                                          sweep.template, pert, a.batch_size)
 
@@ -366,9 +454,10 @@ def paper_table(method: str, fixed: dict, layers: dict):
     return None
 
 
-def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: list):
-    """sweep.json, tables.md, table1.md/.json and the figures (figures.py, from sweep.json), each written
-    atomically."""
+def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: list, attacks: list = (),
+                  controls: dict = None):
+    """sweep.json, tables.md, table1.md/.json and the figures (figures.py, from sweep.json and table1.json), each
+    written atomically. `attacks`: --attacks' rows (one per Table 1 row), `controls` their splits' controls."""
     import figures  # matplotlib, only when a sweep writes its outputs
     before = {sp: s["before"] for sp, s in sweep.splits.items()}
     tables = figures.tuning_tables(rows, sweep.layers)
@@ -404,16 +493,21 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
         figures.tuning(root)  # one per tuning table, drawn from the sweep.json just written
     if table1:
         n = getattr(sweep.args, "max_samples", None)
-        cells = table1_cells(table1)
+        cells = table1_cells(table1, attacks)
         seeds = sorted({r["seed"] for r in table1 if r["method"] is not None})
-        t = ["| setup | method | params " + HEAD + " MU ↑ | log10 FQ ↑ |", "| --- " * 9 + "|"]
+        attacked = any("attacks" in c for c in cells)
+        t = ["| setup | method | params " + HEAD + " MU ↑ | log10 FQ ↑ |"
+             + (" ES-exact V relearnt ↓ | ES-exact 4-bit ↓ | PrivLeak → 0 |" if attacked else ""),
+             "| --- " * (12 if attacked else 9) + "|"]
         uwc_t = ["| setup | method | params " + HEAD + " λ* |", "| --- " * 8 + "|"]
         for c in cells:
             p = ", ".join(f"{k} {v:g}" for k, v in c["params"].items())
             name = "before unlearning" if c["method"] is None else NAMES[c["method"]]
             show = lambda k, where="unmixed": fmt_cell(c[where][k])
             t.append(f"| {c['split']} | {name} | {p} | " + " | ".join(show(k) for k in COLS)
-                     + f" | {show('model_utility')} | {show('log10_forget_quality')} |")
+                     + f" | {show('model_utility')} | {show('log10_forget_quality')} |"
+                     + ("" if not attacked else " " + " | ".join(
+                         show(k, "attacks") if "attacks" in c else "n/a" for k in ATTACK_COLS) + " |"))
             after = "unmixed" if c["method"] is None else "uwc"  # before unlearning: no mixing
             uwc_t.append(f"| {c['split']} | {name} | {p} | " + " | ".join(show(k, after) for k in COLS)
                          + f" | {'' if c['method'] is None else show('lam', 'uwc')} |")
@@ -422,12 +516,16 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
                f"one unlearning seed ({seeds[0]})" if seeds else "")
         text = ["# Table 1 as the paper builds it: each method at its pick, unmixed, with KL\n",
                 f"Each cell: {how}; the model before unlearning has no seed.\n" if how else "",
-                f"Evaluated on the first {n} rows of each set only (--max-samples {n}).\n" if n else ""] + t + [
+                f"Evaluated on the first {n} rows of each set only (--max-samples {n}).\n" if n else "",
+                attack_note(attacks, controls or {}) if attacked else ""] + t + [
             "\n# The same picks after UWC (this project's comparison at equal retention, not the paper's Table 1)\n"
         ] + uwc_t
         atomic_text(root / "table1.md", "\n".join(text) + "\n")
         eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), max_samples=n, seeds=seeds,
-                                                             cells=cells, rows=table1))
+                                                             cells=cells, rows=table1, attacks=list(attacks),
+                                                             attack_controls=controls if attacked else {}))
+        if attacked:
+            figures.table1_relearn(root / "table1.json", root / "table1-relearn.png")
 
 
 # ----------------------------------------------------------------------------- seeds: means and spreads
@@ -460,9 +558,32 @@ def fmt_cell(st: dict) -> str:
     return f"{st['mean']:.4f} ± {st['sd']:.4f}"
 
 
-def table1_cells(table1: list) -> list:
+ATTACK_COLS = ("relearn_es_exact_v", "quant4_es_exact_unlearn", "privleak")
+
+
+def attack_values(r: dict) -> dict:
+    """An attack row's three Table 1 columns: ES-exact on V after the largest S, ES-exact on the forget rows after
+    4-bit quantization, PrivLeak; and ES-exact on V at S = 0 and after each S (the curve of the figure)."""
+    return dict(relearn_es_exact_v=r["relearn"][-1]["es_exact_v"], quant4_es_exact_unlearn=r["quant4"]["es_exact_unlearn"],
+                privleak=r["privleak"], es_exact_v=[r["before_v"]["es_exact_v"]] + [x["es_exact_v"] for x in r["relearn"]])
+
+
+def attack_note(attacks: list, controls: dict) -> str:
+    """The line above Table 1 that says what its three attack columns are, with each split's control."""
+    steps = [x["steps"] for x in attacks[0]["relearn"]]
+    ctl = "; ".join(f"{sp}: {c['on']}, " + (f"the retain-only model {c['before_v']['es_exact_v']:.4f} before relearning, "
+                                              f"{c['relearn'][-1]['es_exact_v']:.4f} after" if c["relearn"] else "no control")
+                    for sp, c in controls.items())
+    return ("Attacks (attack.py's, on each seed's unmixed model; docs/robustness.md): ES-exact on V after "
+            f"relearning on T for S = {steps[-1]} steps; ES-exact on the forget rows with the linear layers in 4 bits "
+            "(bitsandbytes); PrivLeak in % (MUSE's, Min-K% against the retain-only model; 0: as that model, "
+            f"negative: the forget rows still told apart). Relearning by split ({ctl}).\n")
+
+
+def table1_cells(table1: list, attacks: list = ()) -> list:
     """One cell per (split, method) of Table 1's per-seed rows: the stats of every column, unmixed and
-    (for a method) after UWC, in the rows' order."""
+    (for a method) after UWC, in the rows' order; with `attacks` (their rows), the attack columns' stats of the
+    seeds that have them (cell["attacks"]) and the mean ES on V per S (cell["attacks"]["es_exact_v_mean"])."""
     groups = {}
     for r in table1:
         groups.setdefault((r["split"], r["method"]), []).append(r)
@@ -474,6 +595,10 @@ def table1_cells(table1: list) -> list:
                     unmixed=unmixed)
         if method is not None:
             cell["uwc"] = {k: stats([r["uwc"][k] for r in rs]) for k in ("lam",) + COLS}
+        att = [attack_values(a) for a in attacks if (a["split"], a["method"]) == (split, method)]
+        if att:
+            cell["attacks"] = {k: stats([a[k] for a in att]) for k in ATTACK_COLS}
+            cell["attacks"]["es_exact_v_mean"] = [math.fsum(v) / len(v) for v in zip(*(a["es_exact_v"] for a in att))]
         cells.append(cell)
     return cells
 
@@ -554,6 +679,12 @@ def main(argv=None):
     a("--no-table1", action="store_true", help="tuning tables only: skip Table 1's full evaluations")
     a("--max-samples", type=int, default=None, help="Table 1 on the first N rows of each set only, as eval_tofu.py's "
                                                      "(default: all; the tuning always uses all)")
+    a("--attacks", action="store_true", help="Table 1 gains attack.py's attacks on every pick and seed: ES-exact on V "
+                                              "after relearning (the largest S), ES-exact after 4-bit quantization, "
+                                              "PrivLeak; and the figure table1-relearn.png")
+    a("--relearn-steps", default="2,5,10,20", help="with --attacks: relearning steps S, increasing (as attack.py)")
+    a("--relearn-on", choices=attack.RELEARN_ON, default="other-authors",
+      help="with --attacks: T and V by author (a split of one author: same-authors), as attack.py")
     a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
     a("--out", default=None, help="output folder: new, empty, or a sweep's to resume (default: out/sweep/<preset>)")
     common.add_min_forget_es(parser)
@@ -577,6 +708,12 @@ def main(argv=None):
         if args.batch_size < 1 or (args.lr is not None and not args.lr > 0) or (
                 args.epochs is not None and not args.epochs > 0):
             raise common.UsageError("--batch-size must be >= 1 and --lr, --epochs positive")
+        args.relearn_steps = attack.int_list(args.relearn_steps, "--relearn-steps")
+        if args.attacks and (args.no_table1 or not args.relearn_steps):
+            raise common.UsageError("--attacks adds columns to Table 1: it needs Table 1 (no --no-table1) and "
+                                    "--relearn-steps")
+        if args.attacks:
+            attack.need_bitsandbytes()
         args.grid = args.grid and parse_list(args.grid)
         args.wtnpo_alpha = args.wtnpo_alpha and parse_list(args.wtnpo_alpha)
         args.rmu_layers = args.rmu_layers and parse_layers(args.rmu_layers)
@@ -641,13 +778,25 @@ def main(argv=None):
         old = json.loads(f.read_text()) if f.is_file() else None
         return old if old is not None and old.pop("settings") == want_t1 else None
 
-    t1_todo = 0 if args.no_table1 else sum(t1_row(m, sp, seed) is None for sp in splits for m in (None,) + methods
-                                           for seed in seeds_of(m))
+    want_att = dict(want_t1, attacks=dict(relearn_steps=args.relearn_steps, relearn_on=args.relearn_on, quant_bits=4,
+                                          mia_k=MIA_K))  # an attack row's settings
+    att_file = lambda m, sp, seed: t1_file(m, sp, seed).with_name(t1_file(m, sp, seed).stem + "-attacks.json")
+    control_file = lambda sp: t1_dir / f"{sp}-control-attacks.json"
+
+    def att_row(m, sp, seed=None, file=None):
+        """An attack row (or a split's control, `file`) on disk for these settings, or None."""
+        f = file or att_file(m, sp, seed)
+        old = json.loads(f.read_text()) if f.is_file() else None
+        return old if old is not None and old.pop("settings") == want_att else None
+
+    t1_todo = 0 if args.no_table1 else sum(
+        t1_row(m, sp, seed) is None or (args.attacks and att_row(m, sp, seed) is None)
+        for sp in splits for m in (None,) + methods for seed in seeds_of(m))
     from tqdm import tqdm
     print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; {t1_todo} full evaluations "
           f"for Table 1 (unlearning seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})", flush=True)
     bar = tqdm(total=len(todo) + t1_todo, desc="sweep", unit="run", dynamic_ncols=True)
-    current, refs = None, {}
+    current, refs, controls = None, {}, {}
     try:
         for sp in splits:
             for m in (None,) + methods:  # None: the before-unlearning row
@@ -666,26 +815,39 @@ def main(argv=None):
                                                       key=rank)
                 params = {} if m is None else grid_row["params"]
                 for seed in seeds_of(m):  # the pick with each unlearning seed
-                    old = t1_row(m, sp, seed)
-                    if args.no_table1 or (old is not None and old["params"] == params):
+                    old, old_att = t1_row(m, sp, seed), args.attacks and att_row(m, sp, seed)
+                    need_t1 = not args.no_table1 and (old is None or old["params"] != params)
+                    need_att = args.attacks and (old_att is None or old_att["params"] != params)
+                    if not (need_t1 or need_att):
                         continue
-                    if old is not None:  # the pick moved (more rows on disk): its row is made again
-                        bar.total += 1
+                    if (old is not None and need_t1) or (old_att is not None and need_att):
+                        bar.total += 1  # the pick moved (more rows on disk): its row is made again
                     bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}"
                                         + ("" if m is None else f" seed {seed}"))
                     if sp not in refs:
                         refs[sp] = fq_reference(sweep, sp)
-                    if m is None:
-                        r = sweep.table1_row(None, sp, params, refs[sp])
-                    else:
+                    theta_u = None
+                    if m is not None:
                         current = None if seed == args.seed else sweep.runs / f"{name_of(m, sp, params)}-seed{seed}"
                         theta_u = sweep.pick_weights(m, sp, params, seed)
+                        current = None
+                    if need_t1 and m is None:
+                        r = sweep.table1_row(None, sp, params, refs[sp])
+                    elif need_t1:
                         # after UWC: the grid's row at the grid's seed, else UWC's search on this seed's weights
                         u = grid_row if seed == args.seed else sweep.after_uwc(sweep.split(sp), theta_u)
                         r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
                                  uwc={k: u[k] for k in ("lam",) + COLS})
-                        current = None
-                    eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want_t1))
+                    if need_t1:
+                        eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want_t1))
+                    if need_att:
+                        if sp not in controls:  # the retain-only model's PrivLeak level and relearning, once a split
+                            controls[sp] = att_row(None, sp, file=control_file(sp))
+                            if controls[sp] is None:
+                                controls[sp] = sweep.attack_control(sp, retain_path(sweep, sp))
+                                eval_tofu.write_json(str(control_file(sp)), dict(controls[sp], settings=want_att))
+                        r = dict(sweep.attack(m, sp, params, controls[sp], theta_u), seed=seed)
+                        eval_tofu.write_json(str(att_file(m, sp, seed)), dict(r, settings=want_att))
                     bar.update(1)
                 sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
     except KeyboardInterrupt:
@@ -721,8 +883,12 @@ def main(argv=None):
     order = lambda r: (common.SPLITS.index(r["split"]), -1 if r["method"] is None else METHODS.index(r["method"]),
                        r.get("seed", -1))
     by_grid = lambda r: (METHODS.index(r["method"]), common.SPLITS.index(r["split"]), tuple(r["params"].values()))
+    att_all = [r for r in (att_row(m, sp, seed) for sp in common.SPLITS for m in (None,) + METHODS
+                           for seed in seeds_of(m)) if r is not None and (
+        r["method"] is None or picks.get((r["method"], r["split"]), {}).get("params") == r["params"])]
+    att_controls = {sp: c for sp in common.SPLITS if (c := att_row(None, sp, file=control_file(sp))) is not None}
     write_outputs(root, sweep, sorted(all_rows, key=by_grid), picks,
-                  sorted(t1_all, key=order))
+                  sorted(t1_all, key=order), sorted(att_all, key=order) if args.attacks else [], att_controls)
     print((root / "table1.md").read_text() if (root / "table1.md").is_file() else "")
     print(f"wrote {root}/sweep.json, tables.md" + (", table1.md" if t1_all else ""))
     return root

@@ -140,6 +140,8 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
     (["--method", "npo", "--grid", "0.5,x"], "comma-separated numbers"),
     (["--split", "all", "--retain-stats", "s.json"], "put {split} in"),
     (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
+    (["--attacks", "--no-table1"], "--attacks adds columns to Table 1: it needs Table 1"),
+    (["--attacks", "--relearn-steps", "5,2"], "--relearn-steps must be positive whole numbers in increasing order"),
 ])
 def test_bad_input_writes_nothing(tmp_path, flags, message):
     out = tmp_path / "sw"
@@ -319,3 +321,48 @@ def test_a_sweep_of_one_of_the_four(tmp_path):
     tables = (out / "tables.md").read_text()
     assert "## UNDIAL\n" in tables and "| forget01 | 10 |" in tables and "| forget01 | UNDIAL | beta 10 |" in tables
     assert (out / "tuning-undial.png").stat().st_size > 10_000
+
+
+def test_attacks_are_attack_py_and_eval_tofu_py_on_the_pick(tmp_path, tiny_path):
+    """--attacks after a sweep made Table 1: its rows stay as they were, and each attack row is attack.py on the
+    kept pick (relearning on forget01's one author halved, the control, 4 bits) and eval_tofu.py's PrivLeak; the
+    columns and the figure come from them. A copy of the target model stands in for the retain-only model (the
+    real retain99 takes minutes to fine-tune on first use)."""
+    import shutil
+    stand_in = str(shutil.copytree(tiny_path, tmp_path / "retain-only"))
+    out = tmp_path / "sw"
+    base = ["sweep.py", "--method", "ga", "--split", "forget01", "--seeds", "1", "--keep", "--retain-model", stand_in,
+            "--max-samples", "20", "--out", str(out)]
+    assert run_main(*base).returncode == 0
+    t1 = (out / "table1" / "forget01-ga-seed0.json").read_bytes()
+    r = run_main(*base, "--attacks", "--relearn-steps", "1,3")
+    assert r.returncode == 0, r.stderr
+    assert "1 full evaluations" not in r.stdout and (out / "table1" / "forget01-ga-seed0.json").read_bytes() == t1
+    att = json.load(open(out / "table1" / "forget01-ga-seed0-attacks.json"))
+    control = json.load(open(out / "table1" / "forget01-control-attacks.json"))
+    assert control["on"] == "same-authors" and [x["steps"] for x in att["relearn"]] == [1, 3]
+    r = run_main("attack.py", "--model", str(out / "runs" / "ga-forget01"), "--retain-model", stand_in,
+                 "--relearn-on", "same-authors", "--relearn-steps", "1,3", "--quant-bits", "4", "--max-samples", "20",
+                 "--out", str(tmp_path / "attack.json"))
+    assert r.returncode == 0, r.stderr
+    ref = json.load(open(tmp_path / "attack.json"))
+    keys = ("es_exact_v", "es_perturb_v", "es_exact_retain", "auc_min_k_pp_v")
+    relearnt = [a for a in ref["attacks"] if a["attack"] == "relearn"]
+    for mine, theirs in zip(att["relearn"], relearnt):
+        for k in keys:
+            assert mine[k] == pytest.approx(theirs[k], abs=1e-9) and control["relearn"][relearnt.index(theirs)][
+                k] == pytest.approx(theirs[f"control_{k}"], abs=1e-9), k
+    assert att["before_v"]["es_exact_v"] == pytest.approx(ref["before"]["unlearned"]["es_exact_v"], abs=1e-9)
+    (quant,) = [a for a in ref["attacks"] if a["attack"] == "quantize"]
+    for k in ("es_exact_unlearn", "es_perturb_unlearn", "es_exact_retain"):
+        assert att["quant4"][k] == pytest.approx(quant[k], abs=1e-9), k
+    r = run_main("eval_tofu.py", "--model", str(out / "runs" / "ga-forget01"), "--retain-model", stand_in,
+                 "--max-samples", "20", "--max-new-tokens", "4", "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    ev = json.load(open(tmp_path / "eval.json"))
+    assert att["privleak"] == pytest.approx(ev["privleak"], abs=1e-9) and att["privleak"] != 0
+    cell = [c for c in json.load(open(out / "table1.json"))["cells"] if c["method"] == "ga"][0]["attacks"]
+    assert cell["relearn_es_exact_v"]["mean"] == att["relearn"][-1]["es_exact_v"]
+    assert cell["quant4_es_exact_unlearn"]["mean"] == att["quant4"]["es_exact_unlearn"]
+    assert "| ES-exact V relearnt ↓ | ES-exact 4-bit ↓ | PrivLeak → 0 |" in (out / "table1.md").read_text()
+    assert (out / "table1-relearn.png").stat().st_size > 0
