@@ -31,7 +31,9 @@ model holds. A configuration's row is written
 atomically to runs/<name>/row.json as soon as it is done, so a killed sweep started again with
 the same flags skips what is finished and redoes the configuration it was in; a NaN loss or
 metric stops it the same way, in one line naming the configuration (exit status 1). Unlearned
-weights are kept only with --keep. Table 1's log10 FQ of a p-value of 0 is null with the bound
+weights are kept only with --keep. --attacks adds attack.py's three attacks to Table 1, on every pick and seed (in
+memory, with one control a split): ES-exact on V after relearning on T, ES-exact after 4-bit quantization, and
+PrivLeak; their rows go beside Table 1's (table1/*-attacks.json), and table1-relearn.png draws ES on V against S. Table 1's log10 FQ of a p-value of 0 is null with the bound
 "< -300" (eval_tofu.log10_fq). Details and the results on the built-in set: docs/tuning.md.
 """
 import importlib
@@ -380,6 +382,7 @@ class Sweep:
         """The three attacks of attack.py on theta_u (method None: the original model), in memory: PrivLeak of
         Table 1's forget rows against the holdout rows, ES after 4-bit quantization, and relearning on T with ES
         on V after each S. The model is left relearnt (every later use resets it)."""
+        t0 = time.time()
         if method is None:
             reset_(self.model, self.ref_model)
         else:
@@ -394,7 +397,7 @@ class Sweep:
         before_v, relearnt = self.relearn(self.model, self.tokenizer, split)
         return dict(method=method, split=split, params=params, auc_min_k=auc,
                     privleak=eval_tofu.privleak(auc, control["retain_min_k_auc"]), quant4=quant, before_v=before_v,
-                    relearn=relearnt)
+                    relearn=relearnt, seconds=round(time.time() - t0, 2))
 
 
 def rank(row: dict) -> tuple:
