@@ -426,3 +426,36 @@ def test_relearn_bad_input_one_line_exit_2_nothing_written(content, says, tmp_pa
     r = run_main("figures.py", "relearn", path, "-o", tmp_path / "r.png")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and says in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_table1_relearn_draws_each_picks_mean_over_its_seeds_and_the_control(tmp_path, monkeypatch):
+    """sweep.py --attacks' figure: per split a panel, per pick the mean ES on V over its seeds at S = 0 and each S
+    (hand-computed here), the model before unlearning dotted, the control dashed black."""
+    import sweep
+    saved = saving(monkeypatch)
+
+    def att(method, seed, v0, v1, v2):
+        return dict(method=method, split="forget05", params={}, seed=seed, privleak=-10.0 * (seed or 0), auc_min_k=0.5,
+                    quant4=dict(es_exact_unlearn=0.1 * (seed or 0)), before_v=dict(es_exact_v=v0),
+                    relearn=[dict(steps=2, es_exact_v=v1), dict(steps=5, es_exact_v=v2)])
+    t1 = lambda m, seed: {**{k: 0.5 for k in sweep.T1_COLS}, "method": m, "split": "forget05", "params": {},
+                          "seed": seed, "log10_forget_quality_bound": None, "uwc": {k: 0.5 for k in ("lam",) + sweep.COLS}}
+    attacks = [att(None, None, 1.0, 1.0, 1.0), att("ga", 0, 0.1, 0.2, 0.3), att("ga", 1, 0.3, 0.4, 0.7)]
+    cells = sweep.table1_cells([t1(None, None), t1("ga", 0), t1("ga", 1)], attacks)
+    ga = cells[1]["attacks"]
+    assert ga["es_exact_v_mean"] == pytest.approx([0.2, 0.3, 0.5]) and ga["relearn_es_exact_v"]["values"] == [0.3, 0.7]
+    assert ga["privleak"]["mean"] == pytest.approx(-5.0) and ga["quant4_es_exact_unlearn"]["max"] == pytest.approx(0.1)
+    control = dict(on="other-authors", before_v=dict(es_exact_v=0.05), relearn=[dict(es_exact_v=0.1),
+                                                                                dict(es_exact_v=0.15)])
+    (tmp_path / "t.json").write_text(json.dumps(dict(cells=cells, attacks=attacks,
+                                                     attack_controls=dict(forget05=control))))
+    out = figures.table1_relearn(tmp_path / "t.json", tmp_path / "f.png")
+    assert out == str(tmp_path / "f.png") and (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = saved[-1][0].axes
+    lines = [(l.get_linestyle(), l.get_color(), list(l.get_xdata()), list(l.get_ydata())) for l in ax.get_lines()]
+    assert [(s, c) for s, c, _, _ in lines] == [(":", "grey"), ("-", "C0"), ("--", "black")]
+    assert lines[1][2] == [0, 2, 5] and lines[1][3] == pytest.approx([0.2, 0.3, 0.5])
+    assert lines[2][3] == [0.05, 0.1, 0.15] and ax.get_title() == "forget05 (T, V: other-authors)"
+    (tmp_path / "none.json").write_text(json.dumps(dict(cells=sweep.table1_cells([t1("ga", 0)]))))
+    with pytest.raises(figures.common.UsageError, match="holds no attack columns: run sweep.py with --attacks"):
+        figures.table1_relearn(tmp_path / "none.json", tmp_path / "g.png")
