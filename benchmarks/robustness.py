@@ -1,15 +1,16 @@
 """
-The attacks on the real TOFU's forget05 (docs/robustness.md): every objective's script at its defaults (the
-paper's, KL) on the tiny model of the real data, then attack.py (relearning on other authors, S = 2, 5, 10, 20,
+The attacks at the objectives' defaults on forget05 (docs/robustness.md): every objective's main command (the
+paper's defaults, KL) on the tiny model of the data, then attack.py (relearning on other authors, S = 2, 5, 10, 20,
 and 8- and 4-bit quantization, each with its control) and eval_tofu.py's membership inference (PrivLeak against
-the real retain-only model). One process per step, as a user would run them.
+the retain-only model). One process per step, as a user would run them.
 
-    python benchmarks/robustness_real_tofu.py                       # all eleven; the tiny model of the data is built
-    python benchmarks/robustness_real_tofu.py --methods ga,npo,wga  # on first use (about 30 minutes, and as long
-                                                                    # again for its retain-only model)
+    python benchmarks/robustness.py                                  # the built-in set, all eleven
+    python benchmarks/robustness.py --data ../shared/tofu            # the real TOFU: its tiny model and retain-only
+    python benchmarks/robustness.py --data ../shared/tofu --methods ga,npo,wga   # model are built on first use
+                                                                     # (about 30 minutes each)
 
-Runs go to out/robustness-real/<method>/ (replaced on the next run); the table is printed and written with every
-number to docs/robustness_real_tofu.json.
+Runs go to out/robustness/<data>/<method>/ (replaced on the next run); the table is printed and written with every
+number to docs/robustness_<data>.json (builtin, or the data folder's name).
 """
 import argparse
 import json
@@ -25,18 +26,20 @@ import sweep  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "tofu"), help="a folder of TOFU's configs")
+    p.add_argument("--data", default="builtin", help="builtin, or a folder of TOFU's configs")
     p.add_argument("--methods", default=",".join(sweep.METHODS), help="comma-separated method scripts")
     p.add_argument("--split", default="forget05")
-    p.add_argument("--json", default=str(ROOT / "docs" / "robustness_real_tofu.json"))
+    p.add_argument("--json", default=None, help="default: docs/robustness_<data>.json")
     args = p.parse_args()
+    slug = "builtin" if args.data == "builtin" else Path(args.data).resolve().name
+    args.json = args.json or str(ROOT / "docs" / f"robustness_{slug}.json")
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in sweep.METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]}")
     results, t0 = [], time.time()
     for m in methods:
-        out = ROOT / "out" / "robustness-real" / m
+        out = ROOT / "out" / "robustness" / slug / m
         t = time.time()
         run = lambda *cmd: subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, check=True,
                                           stdout=subprocess.DEVNULL)
