@@ -5,8 +5,11 @@ values do not overlap. Each claim is a set of pairwise comparisons on one split;
 every comparison goes its way beyond the noise, is contradicted where one goes the other way beyond
 the noise, and is undecided (within the noise) otherwise.
 
-    python benchmarks/claims.py out/sweep/tiny                  # a markdown table on stdout
+    python benchmarks/claims.py out/sweep/tiny                  # markdown tables on stdout
     python benchmarks/claims.py out/sweep/tiny --out claims.md
+
+Where the sweep has them, the four newer objectives get two more tables: their own papers' claims against the
+paper's method each builds on, and where each lands among the paper's seven at equal retention (after UWC).
 """
 import argparse
 import json
@@ -38,6 +41,29 @@ CLAIMS = [
      [("uwc", "es_exact_unlearn", a, m, -1) for a in ("wga", "wtnpo") for m in PAPER
       if m not in ("wga", "wtnpo")]),
 ]
+
+
+NEWER = sweep.METHODS[7:]
+NEWER_CLAIMS = [
+    ("SimNPO improves on NPO (unlearn ES-exact after UWC below NPO's)", [("uwc", "es_exact_unlearn", "simnpo", "npo", -1)]),
+    ("SatImp improves on WGA (unlearn ES-exact after UWC below WGA's)", [("uwc", "es_exact_unlearn", "satimp", "wga", -1)]),
+    ("IdkDPO removes more than PO (unmixed unlearn ES-exact below PO's)",
+     [("unmixed", "es_exact_unlearn", "idkdpo", "po", -1)]),
+    ("UNDIAL keeps retention better than GA (unmixed retain ES-exact above GA's)",
+     [("unmixed", "es_exact_retain", "undial", "ga", 1)]),
+]
+
+
+def placement(cells: dict, split: str, m: str, table="uwc", col="es_exact_unlearn") -> str:
+    """Where method m lands among the paper's seven on one column: the methods its per-seed values lie below
+    beyond the noise (it removes more than they do), above, and level with (overlapping)."""
+    groups = {-1: [], 1: [], 0: []}
+    for other in PAPER:
+        xs, ys = (cells[(split, x)][table][col]["values"] for x in (m, other))
+        groups[sweep.beyond_noise(xs, ys)].append(sweep.NAMES[other])
+    mean = cells[(split, m)][table][col]["mean"]
+    return (f"{mean:.3f}; below " + (", ".join(groups[-1]) or "none") + "; above " + (", ".join(groups[1]) or "none")
+            + "; level with " + (", ".join(groups[0]) or "none"))
 
 
 def verdict(cells: dict, split: str, comparisons: list) -> tuple:
@@ -77,6 +103,20 @@ def main(argv=None):
             v, why = verdict(cells, sp, comparisons)
             row.append(v + (f" ({why})" if why else ""))
         lines.append(f"| {claim} | " + " | ".join(row) + " |")
+    new = [m for m in NEWER if all((sp, m) in cells for sp in splits)]
+    for title, claims in (("Claims of the four newer objectives' own papers", [
+            c for c in NEWER_CLAIMS if all(x[2] in new for x in c[1])]),):
+        if claims:
+            lines += ["", f"{title}:\n", "| claim | " + " | ".join(splits) + " |", "| --- " * (len(splits) + 1) + "|"]
+            for claim, comparisons in claims:
+                lines.append(f"| {claim} | " + " | ".join(
+                    v + (f" ({why})" if why else "") for v, why in (verdict(cells, sp, comparisons) for sp in splits))
+                    + " |")
+    if new:
+        lines += ["", "Where the four land among the paper's seven at equal retention: unlearn ES-exact after UWC (the "
+                      "mean), and the paper's methods whose per-seed values it lies below (removes more), above, or "
+                      "overlaps:\n", "| method | " + " | ".join(splits) + " |", "| --- " * (len(splits) + 1) + "|"]
+        lines += [f"| {sweep.NAMES[m]} | " + " | ".join(placement(cells, sp, m) for sp in splits) + " |" for m in new]
     text = "\n".join(lines) + "\n"
     if args.out:
         tmp = Path(args.out + ".tmp")
