@@ -1184,7 +1184,7 @@ def read_marker(folder) -> dict:
 
 def write_marker(folder, mark: dict):
     """Write `folder`'s mark atomically."""
-    tmp = Path(folder) / (MARKER + ".tmp")
+    tmp = Path(folder) / f"{MARKER}.{os.getpid()}.tmp"  # processes that start together (sweep.py's shards)
     tmp.write_text(json.dumps(dict(mark, written_by=PROJECT), indent=2) + "\n")
     os.replace(tmp, Path(folder) / MARKER)
 

@@ -629,6 +629,15 @@ def settings(sweep: Sweep) -> dict:
                 es_eos=a.es_eos, seed=a.seed, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, reg="kl")
 
 
+def row_on_disk(f: Path, want: dict):
+    """The row in file f (its settings removed) when they are `want`, else None."""
+    try:
+        r = json.loads(f.read_text())
+    except FileNotFoundError:
+        return None
+    return r if r.pop("settings", None) == want else None
+
+
 def load_rows(root: Path, want: dict) -> list:
     """Every finished configuration's row under root/runs whose settings are `want`."""
     rows = []
@@ -637,6 +646,116 @@ def load_rows(root: Path, want: dict) -> list:
         if r.pop("settings") == want:
             rows.append(r)
     return rows
+
+
+# ----------------------------------------------------------------------------- shards: claims on a shared folder
+
+class Claims:
+    """Who runs which unit of work (a configuration, or a Table 1 row), among processes that share the sweep's
+    folder: on one machine, across GPUs, SLURM array tasks or nodes. A claim is a file made with O_EXCL (atomic,
+    on NFS too), holding host, pid and time; its owner touches it every `timeout` / 20 s while it works and deletes
+    it when the unit's row is written. A claim is stale, and retaken, when it is older than `timeout` (an owner on
+    another host that died) or when its process is gone on this host. A retake is itself guarded by an O_EXCL
+    file, so that two processes never both retake one claim."""
+
+    def __init__(self, folder: Path, timeout: float):
+        import socket
+        import threading
+        self.folder, self.timeout, self.host, self.pid = folder, timeout, socket.gethostname(), os.getpid()
+        folder.mkdir(exist_ok=True)
+        self.held = set()
+        self.lock = threading.Lock()
+        stop = threading.Event()
+        self.stop = stop
+
+        def beat():  # the owner's heartbeat: a claim in use never looks stale to another host
+            while not stop.wait(max(1.0, timeout / 20)):
+                with self.lock:
+                    for f in list(self.held):
+                        with suppress(OSError):
+                            os.utime(f)
+        threading.Thread(target=beat, daemon=True).start()
+
+    def path(self, unit: str) -> Path:
+        return self.folder / f"{unit}.claim"
+
+    def _create(self, f: Path) -> bool:
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as out:
+            json.dump(dict(host=self.host, pid=self.pid, time=time.time()), out)
+        with self.lock:
+            self.held.add(f)
+        return True
+
+    def stale(self, f: Path) -> bool:
+        try:
+            age = time.time() - f.stat().st_mtime
+            owner = json.loads(f.read_text())
+        except (OSError, ValueError):  # gone, or being written: not ours to judge now
+            return False
+        if age > self.timeout:
+            return True
+        if owner.get("host") != self.host or owner.get("pid") == self.pid:
+            return False
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return False
+
+    def take(self, unit: str) -> bool:
+        """True when this process now holds `unit`'s claim: a new one, or a stale one retaken."""
+        f = self.path(unit)
+        if self._create(f):
+            return True
+        guard = f.with_name(f.name + ".retake")
+        if not self.stale(f):
+            return False
+        with suppress(OSError):  # a guard left by a process that died while retaking
+            if time.time() - guard.stat().st_mtime > max(60.0, self.timeout):
+                guard.unlink()
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False  # another process is retaking it
+        os.close(fd)
+        try:
+            if not self.stale(f):  # retaken meanwhile, or released
+                return self._create(f)
+            f.unlink()
+            return self._create(f)
+        finally:
+            guard.unlink()
+
+    def release(self, unit: str):
+        f = self.path(unit)
+        with self.lock:
+            self.held.discard(f)
+        with suppress(FileNotFoundError):
+            f.unlink()
+
+    def release_all(self):
+        with self.lock:
+            held, self.held = list(self.held), set()
+        for f in held:
+            with suppress(FileNotFoundError):
+                f.unlink()
+
+
+def parse_shard(text: str) -> tuple:
+    """'i/N' -> (i, N), 0 <= i < N; raises UsageError."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not (n >= 1 and 0 <= i < n):
+        raise common.UsageError(f"--shard takes i/N with 0 <= i < N, e.g. 0/4; got '{text}'")
+    return i, n
 
 
 # ----------------------------------------------------------------------------- the command
@@ -689,6 +808,11 @@ def main(argv=None):
     a("--relearn-on", choices=attack.RELEARN_ON, default="other-authors",
       help="with --attacks: T and V by author (a split of one author: same-authors), as attack.py")
     a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
+    a("--shard", default="0/1", help="i/N: this process is shard i of N sharing --out (GPUs, SLURM array tasks, nodes); "
+                                     "each unit of work is claimed before it runs (docs/tuning.md)")
+    a("--claim-timeout", type=float, default=600, help="seconds after which another host's claim that was not renewed "
+                                                       "is taken as its process dead (a claim is renewed while it runs)")
+    a("--tables", action="store_true", help="run nothing: make the tables, Table 1 and the figures from every row on disk")
     a("--out", default=None, help="output folder: new, empty, or a sweep's to resume (default: out/sweep/<preset>)")
     common.add_min_forget_es(parser)
     args = parser.parse_args(argv)
@@ -711,6 +835,9 @@ def main(argv=None):
         if args.batch_size < 1 or (args.lr is not None and not args.lr > 0) or (
                 args.epochs is not None and not args.epochs > 0):
             raise common.UsageError("--batch-size must be >= 1 and --lr, --epochs positive")
+        args.shard = parse_shard(args.shard)
+        if not args.claim_timeout > 0:
+            raise common.UsageError(f"--claim-timeout must be positive, got {args.claim_timeout:g}")
         args.relearn_steps = attack.int_list(args.relearn_steps, "--relearn-steps")
         if args.attacks and (args.no_table1 or not args.relearn_steps):
             raise common.UsageError("--attacks adds columns to Table 1: it needs Table 1 (no --no-table1) and "
@@ -744,7 +871,7 @@ def main(argv=None):
     name = (sweep.preset or Path(sweep.path).name) + ("" if own else f"-{common.source_slug(sweep.data)}")
     root = Path(args.out or common.OUT / "sweep" / name)
     if (common.read_marker(root) or {}).get("script") != "sweep.py":  # a sweep's own folder is resumed, else a new one
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if root.exists() and (not root.is_dir() or any(not f.name.startswith(common.MARKER) for f in root.iterdir())):
             common.die(f"--out {root} exists and is not a sweep's folder: nothing was touched; give a new or empty "
                        f"folder, or a sweep's folder to resume it")
         root.mkdir(parents=True, exist_ok=True)
@@ -762,14 +889,11 @@ def main(argv=None):
         common.say_error(f"{sp}, before unlearning: {e}")
         sys.exit(1)  # as common.cli: the flags were fine, a number was not
 
-    # Split by split, method by method: the grid (configurations on disk with these settings are
-    # skipped), the pick, then its Table 1 row, after which the pick's weights are let go.
-    rows = load_rows(root, want)
-    done = {name_of(r["method"], r["split"], r["params"]) for r in rows}
-    todo = [c for c in configs if name_of(*c) not in done]
+    # Units of work in one process's order: split by split, method by method, the grid (a configuration on disk
+    # with these settings is done), then Table 1's rows of the pick, one per seed, once its grid is complete.
+    # Shard i of N goes first through the units i, i + N, ..., then through all; a unit runs only under its claim.
     t1_dir = root / "table1"
     t1_dir.mkdir(exist_ok=True)
-
     seeds = [args.seed + k for k in range(args.seeds)]  # Table 1's unlearning seeds; the grid's is the first
     want_t1 = want if args.max_samples is None else dict(want, max_samples=args.max_samples)  # Table 1's rows
     seeds_of = lambda m: [None] if m is None else seeds  # the model before unlearning has no seed
@@ -792,83 +916,151 @@ def main(argv=None):
         old = json.loads(f.read_text()) if f.is_file() else None
         return old if old is not None and old.pop("settings") == want_att else None
 
-    t1_todo = 0 if args.no_table1 else sum(
-        t1_row(m, sp, seed) is None or (args.attacks and att_row(m, sp, seed) is None)
-        for sp in splits for m in (None,) + methods for seed in seeds_of(m))
+    def grid_rows(m, sp):
+        """The rows on disk of (m, sp)'s configurations, every shard's; None while one is missing."""
+        out = []
+        for _, _, p in (c for c in configs if c[:2] == (m, sp)):
+            r = row_on_disk(sweep.runs / name_of(m, sp, p) / "row.json", want)
+            if r is None:
+                return None
+            out.append(r)
+        return out
+
+    def pick(m, sp):
+        """(the pick's grid row, its params) of a complete grid, or (None, None); the model before: (None, {})."""
+        if m is None:
+            return None, {}
+        rs = grid_rows(m, sp)
+        return (None, None) if not rs else (min(rs, key=rank), min(rs, key=rank)["params"])
+
+    def t1_needs(m, sp, seed, params):
+        """(Table 1's row, its attack row) still to make for this pick and seed."""
+        old, old_att = t1_row(m, sp, seed), args.attacks and att_row(m, sp, seed)
+        return (not args.no_table1 and (old is None or old["params"] != params),
+                bool(args.attacks) and (old_att is None or old_att["params"] != params))
+
+    units = [("grid", m, sp, p) for sp in splits for m in (None,) + methods for p in
+             ([] if m is None else [c[2] for c in configs if c[:2] == (m, sp)])]
+    units = [u for sp in splits for m in (None,) + methods for u in
+             [x for x in units if x[1:3] == (m, sp)] + [("table1", m, sp, seed) for seed in seeds_of(m)]]
+    unit_name = lambda u: name_of(u[1], u[2], u[3]) if u[0] == "grid" else \
+        f"table1-{u[2]}-{'before' if u[1] is None else f'{u[1]}-seed{u[3]}'}"
+
+    def done(u) -> bool:
+        if u[0] == "grid":  # this process's, or another shard's since it started
+            if unit_name(u) not in finished and row_on_disk(sweep.runs / unit_name(u) / "row.json", want):
+                finished.add(unit_name(u))
+            return unit_name(u) in finished
+        params = pick(u[1], u[2])[1]
+        return params is not None and not any(t1_needs(u[1], u[2], u[3], params))
+
+    finished = {name_of(r["method"], r["split"], r["params"]) for r in load_rows(root, want)}
+    i, n_shards = args.shard
+    claims = Claims(root / "claims", args.claim_timeout)
+    todo = [u for u in units if not done(u)] if not args.tables else []
+    n_grid = sum(u[0] == "grid" for u in todo)
     from tqdm import tqdm
-    print(f"{len(configs)} configurations, {len(configs) - len(todo)} already done; {t1_todo} full evaluations "
-          f"for Table 1 (unlearning seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})", flush=True)
-    bar = tqdm(total=len(todo) + t1_todo, desc="sweep", unit="run", dynamic_ncols=True)
-    current, refs, controls = None, {}, {}
+    print(f"{len(configs)} configurations, {len(configs) - n_grid} already done; {len(todo) - n_grid} Table 1 rows to "
+          f"make (unlearning seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))})"
+          + (f"; shard {i}/{n_shards}" if n_shards > 1 else "") + (" | --tables: nothing runs" if args.tables else ""),
+          flush=True)
+    bar = tqdm(total=len(todo), desc="sweep" if n_shards == 1 else f"shard {i}/{n_shards}", unit="run",
+               dynamic_ncols=True)
+    current, held, refs, controls = None, None, {}, {}
+
+    def run(u):
+        """Run one unit under its claim; the row is written atomically before the claim goes."""
+        nonlocal current
+        kind, m, sp, x = u
+        if kind == "grid":
+            current = sweep.runs / name_of(m, sp, x)
+            bar.set_postfix_str(current.name)
+            for key in [k for k in sweep.kept if k != (m, sp)]:  # one pick's weights in memory at most
+                sweep.kept.pop(key)
+            row = sweep.config(m, sp, x)
+            current.mkdir(parents=True, exist_ok=True)  # with --no-save it may hold only the logs
+            eval_tofu.write_json(str(current / "row.json"), dict(row, settings=want))
+            finished.add(current.name)
+            bar.write(f"{current.name}: λ* {row['lam']:.2f} | ES-exact unlearn {row['es_exact_unlearn']:.4f}"
+                      f" | retain {row['es_exact_retain']:.4f} | {row['seconds']:.0f} s")
+            current = None
+            return
+        seed = x
+        grid_row, params = pick(m, sp)
+        need_t1, need_att = t1_needs(m, sp, seed, params)
+        bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}" + ("" if m is None else f" seed {seed}"))
+        if sp not in refs:
+            refs[sp] = fq_reference(sweep, sp)
+        theta_u = None
+        if m is not None:
+            current = None if seed == args.seed else sweep.runs / f"{name_of(m, sp, params)}-seed{seed}"
+            theta_u = sweep.pick_weights(m, sp, params, seed)
+            current = None
+        if need_t1 and m is None:
+            r = sweep.table1_row(None, sp, params, refs[sp])
+        elif need_t1:
+            # after UWC: the grid's row at the grid's seed, else UWC's search on this seed's weights
+            u_row = grid_row if seed == args.seed else sweep.after_uwc(sweep.split(sp), theta_u)
+            r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
+                     uwc={k: u_row[k] for k in ("lam",) + COLS})
+        if need_t1:
+            eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want_t1))
+        if need_att:
+            if sp not in controls:  # the retain-only model's PrivLeak level and relearning, once a split
+                controls[sp] = att_row(None, sp, file=control_file(sp))
+                if controls[sp] is None:
+                    controls[sp] = sweep.attack_control(sp, retain_path(sweep, sp))
+                    eval_tofu.write_json(str(control_file(sp)), dict(controls[sp], settings=want_att))
+            r = dict(sweep.attack(m, sp, params, controls[sp], theta_u), seed=seed)
+            eval_tofu.write_json(str(att_file(m, sp, seed)), dict(r, settings=want_att))
+        if m is not None and seed == seeds[-1]:
+            sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
+
     try:
-        for sp in splits:
-            for m in (None,) + methods:  # None: the before-unlearning row
-                for _, _, p in [c for c in todo if c[0] == m and c[1] == sp]:
-                    current = sweep.runs / name_of(m, sp, p)
-                    bar.set_postfix_str(current.name)
-                    row = sweep.config(m, sp, p)
-                    current.mkdir(parents=True, exist_ok=True)  # with --no-save it may hold only the logs
-                    eval_tofu.write_json(str(current / "row.json"), dict(row, settings=want))
-                    rows.append(row)
-                    bar.update(1)
-                    bar.write(f"{current.name}: λ* {row['lam']:.2f} | ES-exact unlearn {row['es_exact_unlearn']:.4f}"
-                              f" | retain {row['es_exact_retain']:.4f} | {row['seconds']:.0f} s")
-                current = None
-                grid_row = None if m is None else min([r for r in rows if r["method"] == m and r["split"] == sp],
-                                                      key=rank)
-                params = {} if m is None else grid_row["params"]
-                for seed in seeds_of(m):  # the pick with each unlearning seed
-                    old, old_att = t1_row(m, sp, seed), args.attacks and att_row(m, sp, seed)
-                    need_t1 = not args.no_table1 and (old is None or old["params"] != params)
-                    need_att = args.attacks and (old_att is None or old_att["params"] != params)
-                    if not (need_t1 or need_att):
-                        continue
-                    if (old is not None and need_t1) or (old_att is not None and need_att):
-                        bar.total += 1  # the pick moved (more rows on disk): its row is made again
-                    bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}"
-                                        + ("" if m is None else f" seed {seed}"))
-                    if sp not in refs:
-                        refs[sp] = fq_reference(sweep, sp)
-                    theta_u = None
-                    if m is not None:
-                        current = None if seed == args.seed else sweep.runs / f"{name_of(m, sp, params)}-seed{seed}"
-                        theta_u = sweep.pick_weights(m, sp, params, seed)
-                        current = None
-                    if need_t1 and m is None:
-                        r = sweep.table1_row(None, sp, params, refs[sp])
-                    elif need_t1:
-                        # after UWC: the grid's row at the grid's seed, else UWC's search on this seed's weights
-                        u = grid_row if seed == args.seed else sweep.after_uwc(sweep.split(sp), theta_u)
-                        r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
-                                 uwc={k: u[k] for k in ("lam",) + COLS})
-                    if need_t1:
-                        eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want_t1))
-                    if need_att:
-                        if sp not in controls:  # the retain-only model's PrivLeak level and relearning, once a split
-                            controls[sp] = att_row(None, sp, file=control_file(sp))
-                            if controls[sp] is None:
-                                controls[sp] = sweep.attack_control(sp, retain_path(sweep, sp))
-                                eval_tofu.write_json(str(control_file(sp)), dict(controls[sp], settings=want_att))
-                        r = dict(sweep.attack(m, sp, params, controls[sp], theta_u), seed=seed)
-                        eval_tofu.write_json(str(att_file(m, sp, seed)), dict(r, settings=want_att))
-                    bar.update(1)
-                sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
+        order = todo[i::n_shards] + todo  # this shard's own units first, then whatever is left
+        progressed = True
+        while progressed:  # again while a pass ran something: units of dead shards, rows the others finished
+            progressed = False
+            for u in order:
+                if done(u) or (u[0] == "table1" and pick(u[1], u[2])[1] is None):
+                    continue  # finished, or a Table 1 row whose grid another shard is still running
+                if not claims.take(unit_name(u)):
+                    continue  # another shard's
+                held = unit_name(u)
+                try:
+                    if not done(u):  # finished by another shard between the check and the claim
+                        run(u)
+                        bar.update(1)
+                        progressed = True
+                finally:
+                    claims.release(held)
+                    held = None
+            order = [u for u in order if not done(u)]
     except KeyboardInterrupt:
         bar.close()
+        claims.release_all()
         if current is not None:  # the configuration in progress: its half-written run folder goes
             shutil.rmtree(current.with_name(current.name + ".tmp"), ignore_errors=True)
-        print(f"sweep.py: interrupted: {len(rows)} finished configurations are in {root}; "
+        print(f"sweep.py: interrupted: {len(finished)} finished configurations are in {root}; "
               f"run the same command again to go on", file=sys.stderr)
         sys.exit(130)
     except common.NonFinite as e:  # a NaN loss or metric: the rows done stay, the configuration in progress goes
         bar.close()
+        claims.release_all()
         if current is not None:
             shutil.rmtree(current.with_name(current.name + ".tmp"), ignore_errors=True)
         common.say_error(f"{current.name}: {e}" if current is not None else str(e))
         sys.exit(1)  # as common.cli: the flags were fine, a number was not
     except common.UsageError as e:
+        claims.release_all()
         common.die(str(e))
     bar.close()
+    claims.stop.set()
+    left = [] if args.tables else [u for u in units if not done(u)]
+    if left:  # with other shards still at work: the last one to finish writes the tables
+        print(f"shard {i}/{n_shards}: nothing left to claim; {len(left)} units are with other shards or wait on them "
+              f"(the last shard to finish writes the tables; `--tables` makes them from the rows on disk now)")
+        return root
     all_rows = load_rows(root, want)
     picks = {}
     for (m, sp) in {(r["method"], r["split"]) for r in all_rows}:
