@@ -30,6 +30,7 @@ def main():
     p.add_argument("--methods", default=",".join(sweep.METHODS), help="comma-separated method scripts")
     p.add_argument("--split", default="forget05")
     p.add_argument("--json", default=None, help="default: docs/robustness_<data>.json")
+    p.add_argument("--jobs", type=int, default=1, help="methods run side by side (each its own processes)")
     args = p.parse_args()
     slug = "builtin" if args.data == "builtin" else Path(args.data).resolve().name
     args.json = args.json or str(ROOT / "docs" / f"robustness_{slug}.json")
@@ -37,8 +38,9 @@ def main():
     unknown = [m for m in methods if m not in sweep.METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]}")
-    results, t0 = [], time.time()
-    for m in methods:
+    t0 = time.time()
+
+    def one(m):
         out = ROOT / "out" / "robustness" / slug / m
         t = time.time()
         run = lambda *cmd: subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, check=True,
@@ -59,11 +61,15 @@ def main():
                    **{f"control_es_exact_{b}bit": quant[b]["control_es_exact_unlearn"] for b in quant},
                    seconds=round(time.time() - t, 1), attack=a, mia={k: v["auc"] for k, v in e["mia"].items()
                                                                        if isinstance(v, dict) and "auc" in v})
-        results.append(row)
         print(f"{m}: ES forget {row['es_exact_unlearn']:.4f} retain {row['es_exact_retain']:.4f} | V {row['es_v']:.4f}"
               f" -> S{last} {row['es_v_relearnt']:.4f} (control {row['control_es_v_relearnt']:.4f}) | 4-bit "
               f"{row.get('es_exact_4bit', float('nan')):.4f} | PrivLeak {row['privleak']:.2f} | {row['seconds']} s",
               flush=True)
+        return row
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads that wait on subprocesses
+        results = list(pool.map(one, methods))
     Path(args.json).write_text(json.dumps(dict(data=args.data, split=args.split, seconds=round(time.time() - t0, 1),
                                                rows=results), indent=1) + "\n")
     f = lambda v: "n/a" if v is None else f"{v:.4f}"
