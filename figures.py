@@ -149,8 +149,9 @@ def _two_row_grid(nrows, ncols, cells):
 
 def draw_panel(ax, ax2, rows, log, title, symlog=False, first_col=True):
     """One run in the paper's Figure 3 style: on `ax` the unlearning G-effect in red, retaining in
-    blue, layer groups dashed (embed and lm dash-dotted); on `ax2` the method's weight (Figure 5a)
-    or GA's inverse confidence (Figure 9c) and the forget risk (Figure 9b) from log.jsonl."""
+    blue, layer groups dashed (embed and lm dash-dotted); on `ax2` the method's weight (Figure 5a),
+    GA's inverse confidence (Figure 9c) or UNDIAL's target probability of the answer token, and the
+    forget risk (Figure 9b) from log.jsonl."""
     styles = dict(embed="-.", shallow="--", middle="--", deep="--", lm="-.")
     shades = dict(embed=0.35, shallow=0.55, middle=0.7, deep=0.85, lm=0.45)
     steps = [r["step"] for r in rows]
@@ -165,7 +166,7 @@ def draw_panel(ax, ax2, rows, log, title, symlog=False, first_col=True):
     ax.set_xlabel("step")
     if first_col:
         ax.set_ylabel("G-effect")
-    key = next((k for k in ("weight", "inv_conf") if log and k in log[0]), None)
+    key = next((k for k in ("weight", "inv_conf", "target_p") if log and k in log[0]), None)
     if key:
         ax2.plot([x["step"] for x in log], [x[key] for x in log], color="tab:green", label=key)
         if key == "inv_conf":

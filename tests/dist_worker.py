@@ -23,6 +23,11 @@ RUNS = {
     "wtnpo": ["--reg", "none", "--no-eval"],
     "po": ["--reg", "kl", "--no-eval", "--geffect-order", "2"],  # the second-order term over shards too
     "rmu": ["--reg", "rr", "--no-eval"],
+    "simnpo": ["--reg", "gd", "--no-eval"],
+    "satimp": ["--reg", "kl", "--no-eval", "--geffect-dr", "step"],
+    "idkdpo": ["--reg", "none", "--no-eval"],  # theta_o's log-probs of both answers, computed before the loop
+    "undial": ["--reg", "kl", "--no-eval", "--grad-accum", "2", "--batch-size", "10"],  # micro-batches of 5 rows:
+    # 3 and 2 per process; theta_o's logits at every micro-batch
 }
 STEPS = ["--max-steps", "3", "--batch-size", "8", "--geffect-every", "1", "--geffect-retain", "8", "--optim", "sgd",
          "--lr", "0.05"]

@@ -249,6 +249,25 @@ def test_geffect_legend_fits_the_canvas(n_runs, tmp_path, monkeypatch):
             assert not box.overlaps(ax.get_tightbbox(renderer)), (box, ax.get_tightbbox(renderer))
 
 
+@pytest.mark.parametrize("key,log_scale", [("weight", False), ("inv_conf", True), ("target_p", False), (None, False)])
+def test_draw_panel_puts_the_logged_weight_under_the_curves(key, log_scale):
+    """The weight a method logs (NPO's weight, GA's inv_conf, UNDIAL's target_p) is drawn under the G-effect as
+    logged; a log without one (PO, RMU) leaves that axis without ticks."""
+    import matplotlib.pyplot as plt
+    rows = [dict(step=s, unlearn=dict(total=-s, **{g: -s / 5 for g in geffect.GROUPS}),
+                 retain=dict(total=s, **{g: s / 5 for g in geffect.GROUPS})) for s in (1, 2, 3)]
+    log = [dict(step=s, forget_nll=0.1 * s, **({key: 0.25 * s} if key else {})) for s in (1, 2, 3)]
+    fig, (ax, ax2) = plt.subplots(2)
+    figures.draw_panel(ax, ax2, rows, log, "run")
+    if key:
+        (line,) = ax2.get_lines()
+        assert list(line.get_ydata()) == [0.25, 0.5, 0.75] and ax2.get_ylabel() == key
+        assert ax2.get_yscale() == ("log" if log_scale else "linear")
+    else:
+        assert ax2.get_lines() == [] and list(ax2.get_yticks()) == []
+    plt.close(fig)
+
+
 def test_geffect_bare_name_goes_under_out(tmp_path, monkeypatch):
     """`-o NAME.png` without a folder writes out/NAME.png, never into the repository root; a path is kept."""
     monkeypatch.setattr(common, "OUT", tmp_path / "out")
