@@ -736,11 +736,16 @@ class Claims:
     def stale(self, f: Path) -> bool:
         try:
             age = time.time() - f.stat().st_mtime
-            owner = json.loads(f.read_text())
-        except (OSError, ValueError):  # gone, or being written: not ours to judge now
+        except OSError:  # gone
             return False
         if age > self.timeout:
             return True
+        try:
+            owner = json.loads(f.read_text())
+        except OSError:
+            return False
+        except ValueError:  # being written (a few microseconds), or left empty by a process killed then
+            return age > 10
         if owner.get("host") != self.host or owner.get("pid") == self.pid:
             return False
         try:
@@ -781,6 +786,14 @@ class Claims:
             self.held.discard(f)
         with suppress(FileNotFoundError):
             f.unlink()
+
+    def clear_stale(self):
+        """Remove the stale claims left in the folder (a process killed after its row was written, before it
+        released the claim); called once every unit is done."""
+        for f in self.folder.glob("*.claim"):
+            if self.stale(f):
+                with suppress(FileNotFoundError):
+                    f.unlink()
 
     def release_all(self):
         with self.lock:
@@ -1110,6 +1123,8 @@ def main(argv=None):
     bar.close()
     claims.stop.set()
     left = [] if args.tables else [u for u in units if not done(u)]
+    if not left:
+        claims.clear_stale()
     if left:  # with other shards still at work: the last one to finish writes the tables
         print(f"shard {i}/{n_shards}: nothing left to claim; {len(left)} units are with other shards or wait on them "
               f"(the last shard to finish writes the tables; `--tables` makes them from the rows on disk now)")

@@ -412,8 +412,9 @@ def test_two_shards_at_once_equal_one_process(one_process, tmp_path):
 
 
 def test_a_shard_killed_mid_configuration_is_retaken(one_process, tmp_path):
-    """SIGKILL leaves the shard's claim and half-written run folder; started again on the same host, the shard
-    finds the claim's process gone, retakes it, and the rows are the one process's."""
+    """SIGKILL leaves the shard's claim and half-written run folder (or, killed between a row and its release, a
+    claim of a finished unit); started again on the same host, the shard finds the claim's process gone, retakes
+    it, and the rows are the one process's; once every unit is done no claim is left."""
     folder, stats = one_process
     out = tmp_path / "sw"
     cmd = [sys.executable, *SHARDED, "--retain-stats", stats, "--out", str(out), "--shard", "0/2"]
@@ -450,7 +451,9 @@ def test_claims(tmp_path):
     dead.wait()
     write("d", socket.gethostname(), dead.pid, 0)
     write("e", socket.gethostname(), os.getppid(), 0)
-    assert [c.take(x) for x in "bcde"] == [False, True, True, False]
+    (tmp_path / "f.claim").write_text("")  # a process killed while writing its claim
+    os.utime(tmp_path / "f.claim", (time.time() - 20,) * 2)
+    assert [c.take(x) for x in "bcdef"] == [False, True, True, False, True]
     assert json.loads((tmp_path / "c.claim").read_text())["pid"] == os.getpid()
     c.release_all()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["b.claim", "e.claim"]
