@@ -667,8 +667,8 @@ def load_for_unlearning(args, reference: bool, loaded: tuple = None):
                               for only in (True, False))
             print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {args.lora_targets}: "
                   f"{n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M parameters train")
-    elif lora_r:
-        raise UsageError("--lora-r is for a method script run on its own, not on models passed in memory")
+    elif lora_r and not is_lora(model):
+        raise UsageError("--lora-r with models passed in memory needs the model in its adapters (sweep.py --lora-r)")
     if getattr(args, "geffect_every", 0):
         decoder_layers(model)  # the G-effect's groups need them (under torchrun, shard_model already did)
     if loaded is None:  # with LoRA, the reference is the same base weights with the adapters off

@@ -193,13 +193,60 @@ class Sweep:
         self.preset, _, self.template = eval_tofu.model_defaults(args.model, self.path)
         self.tokenizer = common.load_tokenizer(self.path)
         self.model = common.load_model(self.path)
-        self.ref_model = common.load_model(self.path, frozen=True)  # theta_o, for KL and for mixing
+        self.lora = None
+        if getattr(args, "lora_r", 0):  # adapters on the one copy of theta_o, which is their reference with them off
+            self.lora = SimpleNamespace(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                        lora_targets="all-linear", seed=args.seed)
+            self.model = common.add_lora(self.model, self.lora)
+            self.ref_model = common.AdaptersOff(self.model)
+        else:
+            self.ref_model = common.load_model(self.path, frozen=True)  # theta_o, for KL and for mixing
         self.n_layers = self.model.config.num_hidden_layers
         self.layers = rmu_layers(self.n_layers)
         self.tol = args.tol if args.tol is not None else common.PRESETS.get(self.preset, common.OTHER)["uwc_tol"]
         self.splits = {}
         self.cached_ref = None  # the reference with a cache, for the split being swept
         self.kept = {}  # (method, split) -> (row, theta_u) of the best configuration so far
+
+    # ------------------------------------------------------------------------- the weights: theta_o, theta_u, mixed
+
+    def fresh(self, seed: int):
+        """The trainable model at theta_o, ready for a configuration: the original weights, which the frozen
+        reference holds; with LoRA, new adapters made as the method script makes them with this seed (B = 0)."""
+        if self.lora is None:
+            reset_(self.model, self.ref_model)
+            return
+        with common.quiet_peft():
+            base = self.model.unload()
+        self.model = common.add_lora(base, SimpleNamespace(**{**vars(self.lora), "seed": seed}))
+        self.ref_model = common.AdaptersOff(self.model)
+        if self.cached_ref is not None:  # the same theta_o: the remembered outputs stay
+            self.cached_ref.model = self.ref_model
+
+    def weights(self) -> dict:
+        """theta_u on the CPU: every weight, or with LoRA the adapters'."""
+        if self.lora is None:
+            return snapshot(self.model)
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.model.named_parameters() if ".lora_" in k}
+
+    @torch.no_grad()
+    def mix(self, theta_u: dict, lam: float):
+        """The model at theta_o + lam (theta_u - theta_o) (theta_u None: theta_o), with uwc.py's arithmetic: the
+        weights mixed (uwc.mix_state_), or with LoRA the adapter scaled, B = lam x its trained value (uwc.py's
+        scale_adapter: theta_o + lam BA, the base weights untouched)."""
+        if self.lora is None:
+            if theta_u is None:
+                reset_(self.model, self.ref_model)
+            else:
+                uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, lam)
+            return
+        params = dict(self.model.named_parameters())
+        for k, v in (theta_u or {}).items():
+            params[k].copy_(v * lam if ".lora_B." in k or ".lora_embedding_B." in k else v)
+        if theta_u is None:
+            for k, p in params.items():
+                if ".lora_B." in k or ".lora_embedding_B." in k:
+                    p.zero_()
 
     def split(self, split: str) -> dict:
         """The split's rows, encoded sets and the original model's ES (the 'before unlearning' row)."""
@@ -211,7 +258,7 @@ class Sweep:
                      retain_perturb=enc(sets["retain"][1], "paraphrased_question"),
                      forget_perturb=enc(sets["forget"][1], "paraphrased_question"))
             self.splits[split] = s
-            reset_(self.model, self.ref_model)  # the model may hold another split's unlearned weights
+            self.mix(None, 0.0)  # the model may hold another split's unlearned weights
             s["before"] = self.scores(s)
             # once per split, not once per configuration (those run with --min-forget-es 0)
             eval_tofu.forget_es_warning(s["before"]["es_exact_unlearn"], self.args.min_forget_es,
@@ -239,14 +286,16 @@ class Sweep:
                 "--log-every", "1000000", "--min-forget-es", "0"] + ([] if keep else ["--no-save"])
         argv += [x for k, v in (("--lr", a.lr), ("--epochs", a.epochs)) if v is not None for x in (k, f"{v:g}")]
         argv += [x for k, v in params.items() for x in (f"--{k}", f"{v:g}")]
-        reset_(self.model, self.ref_model)
+        argv += [] if self.lora is None else ["--lora-r", str(self.lora.lora_r), "--lora-alpha", f"{self.lora.lora_alpha:g}"]
+        s = self.split(split)
+        self.fresh(a.seed if seed is None else seed)
         if self.cached_ref is None or self.cached_ref.split != split:  # one split's batches at a time
             self.cached_ref = CachedReference(self.ref_model)
             self.cached_ref.split = split
-        loaded = (self.split(split)["data"], self.tokenizer, self.model, self.cached_ref)
+        loaded = (s["data"], self.tokenizer, self.model, self.cached_ref)
         with redirect_stdout(open(os.devnull, "w")):  # the run's numbers are in its log.jsonl
             importlib.import_module(method).main(argv, loaded=loaded)
-        return snapshot(self.model)
+        return self.weights()
 
     def config(self, method: str, split: str, params: dict) -> dict:
         """One row of Tables 2-10: unlearn, search lam* on the held-out retain rows, score at lam*."""
@@ -265,18 +314,17 @@ class Sweep:
 
     def after_uwc(self, s: dict, theta_u: dict) -> dict:
         """UWC's search for lam* on the held-out retain rows, then the four ES values at lam*."""
-        theta_o = self.ref_model.state_dict()
         probes = {}
 
         def retain_es(lam):
-            uwc.mix_state_(self.model, theta_o, theta_u, lam)
+            self.mix(theta_u, lam)
             es, complete = retain_es_probe(self.model, self.tokenizer, s["retain"], s["target"],
                                            self.args.batch_size, self.args.es_eos, s["shortfall"])
             probes[lam] = es if complete else None
             return es
 
         lam, _ = uwc.search(retain_es, s["target"])
-        uwc.mix_state_(self.model, theta_o, theta_u, lam)
+        self.mix(theta_u, lam)
         scores = dict(s["before"]) if lam == 0 else self.scores(s, probes.get(lam))  # lam 0: theta_o exactly
         return dict(lam=lam, **scores, probes=len(probes))
 
@@ -304,10 +352,7 @@ class Sweep:
     def table1_row(self, method: str, split: str, params: dict, fq_ref, theta_u: dict = None) -> dict:
         """The full evaluation (ES, MU, FQ) of the unmixed model theta_u (method None: the original)."""
         self.split(split)
-        if method is None:
-            reset_(self.model, self.ref_model)
-        else:
-            uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
+        self.mix(theta_u if method is not None else None, 1.0)
         res = eval_tofu.evaluate(self.model, self.tokenizer, self.table1_sets(split), self.template,
                                  self.args.batch_size, progress=False, with_eos=self.args.es_eos)
         m = res["metrics"]
@@ -383,10 +428,7 @@ class Sweep:
         Table 1's forget rows against the holdout rows, ES after 4-bit quantization, and relearning on T with ES
         on V after each S. The model is left relearnt (every later use resets it)."""
         t0 = time.time()
-        if method is None:
-            reset_(self.model, self.ref_model)
-        else:
-            uwc.mix_state_(self.model, self.ref_model.state_dict(), theta_u, 1.0)
+        self.mix(theta_u if method is not None else None, 1.0)
         self.model.eval()
         at, a = self.attack_sets(split), self.args
         auc = self.min_k_auc(self.model, self.tokenizer, split)
@@ -625,8 +667,9 @@ def atomic_text(path: Path, text: str):
 def settings(sweep: Sweep) -> dict:
     """What a row's numbers depend on besides its method, split and params: a resumed sweep must match."""
     a = sweep.args
+    lora = {} if not getattr(a, "lora_r", 0) else dict(lora_r=a.lora_r, lora_alpha=a.lora_alpha)  # full: as before
     return dict(model=a.model, path=sweep.path, data=sweep.data, template=sweep.template, tol=sweep.tol,
-                es_eos=a.es_eos, seed=a.seed, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, reg="kl")
+                es_eos=a.es_eos, seed=a.seed, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, reg="kl", **lora)
 
 
 def row_on_disk(f: Path, want: dict):
@@ -693,11 +736,16 @@ class Claims:
     def stale(self, f: Path) -> bool:
         try:
             age = time.time() - f.stat().st_mtime
-            owner = json.loads(f.read_text())
-        except (OSError, ValueError):  # gone, or being written: not ours to judge now
+        except OSError:  # gone
             return False
         if age > self.timeout:
             return True
+        try:
+            owner = json.loads(f.read_text())
+        except OSError:
+            return False
+        except ValueError:  # being written (a few microseconds), or left empty by a process killed then
+            return age > 10
         if owner.get("host") != self.host or owner.get("pid") == self.pid:
             return False
         try:
@@ -738,6 +786,14 @@ class Claims:
             self.held.discard(f)
         with suppress(FileNotFoundError):
             f.unlink()
+
+    def clear_stale(self):
+        """Remove the stale claims left in the folder (a process killed after its row was written, before it
+        released the claim); called once every unit is done."""
+        for f in self.folder.glob("*.claim"):
+            if self.stale(f):
+                with suppress(FileNotFoundError):
+                    f.unlink()
 
     def release_all(self):
         with self.lock:
@@ -808,6 +864,9 @@ def main(argv=None):
     a("--relearn-on", choices=attack.RELEARN_ON, default="other-authors",
       help="with --attacks: T and V by author (a split of one author: same-authors), as attack.py")
     a("--keep", action="store_true", help="keep every unlearned model (runs/<name>/, before UWC)")
+    a("--lora-r", type=int, default=0, help="tune LoRA adapters of this rank (the method scripts' --lora-r, at the "
+                                            "preset's LoRA learning rate), UWC scaling the adapter (default 0: full)")
+    a("--lora-alpha", type=float, default=32, help="with --lora-r: the adapters' scale alpha/r (as the scripts')")
     a("--shard", default="0/1", help="i/N: this process is shard i of N sharing --out (GPUs, SLURM array tasks, nodes); "
                                      "each unit of work is claimed before it runs (docs/tuning.md)")
     a("--claim-timeout", type=float, default=600, help="seconds after which another host's claim that was not renewed "
@@ -844,6 +903,12 @@ def main(argv=None):
                                     "--relearn-steps")
         if args.attacks:
             attack.need_bitsandbytes()
+        if args.lora_r < 0 or args.lora_alpha <= 0:
+            raise common.UsageError(f"--lora-r must be >= 0 and --lora-alpha > 0, got {args.lora_r} and "
+                                    f"{args.lora_alpha:g}")
+        if args.lora_r and args.attacks:
+            raise common.UsageError("--attacks is for full fine-tuning sweeps: with --lora-r, keep the picks (--keep) "
+                                    "and run attack.py on their folders, which hold the merged models")
         args.grid = args.grid and parse_list(args.grid)
         args.wtnpo_alpha = args.wtnpo_alpha and parse_list(args.wtnpo_alpha)
         args.rmu_layers = args.rmu_layers and parse_layers(args.rmu_layers)
@@ -868,7 +933,8 @@ def main(argv=None):
     except common.UsageError as e:
         common.die(str(e))
     own = sweep.data == common.data_source(preset["data"])
-    name = (sweep.preset or Path(sweep.path).name) + ("" if own else f"-{common.source_slug(sweep.data)}")
+    name = (sweep.preset or Path(sweep.path).name) + ("" if own else f"-{common.source_slug(sweep.data)}") + (
+        f"-lora{args.lora_r}" if args.lora_r else "")
     root = Path(args.out or common.OUT / "sweep" / name)
     if (common.read_marker(root) or {}).get("script") != "sweep.py":  # a sweep's own folder is resumed, else a new one
         if root.exists() and (not root.is_dir() or any(not f.name.startswith(common.MARKER) for f in root.iterdir())):
@@ -1057,6 +1123,8 @@ def main(argv=None):
     bar.close()
     claims.stop.set()
     left = [] if args.tables else [u for u in units if not done(u)]
+    if not left:
+        claims.clear_stale()
     if left:  # with other shards still at work: the last one to finish writes the tables
         print(f"shard {i}/{n_shards}: nothing left to claim; {len(left)} units are with other shards or wait on them "
               f"(the last shard to finish writes the tables; `--tables` makes them from the rows on disk now)")

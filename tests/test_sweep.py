@@ -142,6 +142,7 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
     (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
     (["--shard", "2/2"], "--shard takes i/N with 0 <= i < N, e.g. 0/4; got '2/2'"),
     (["--claim-timeout", "0"], "--claim-timeout must be positive, got 0"),
+    (["--lora-r", "8", "--attacks"], "--attacks is for full fine-tuning sweeps"),
     (["--attacks", "--no-table1"], "--attacks adds columns to Table 1: it needs Table 1"),
     (["--attacks", "--relearn-steps", "5,2"], "--relearn-steps must be positive whole numbers in increasing order"),
 ])
@@ -411,8 +412,9 @@ def test_two_shards_at_once_equal_one_process(one_process, tmp_path):
 
 
 def test_a_shard_killed_mid_configuration_is_retaken(one_process, tmp_path):
-    """SIGKILL leaves the shard's claim and half-written run folder; started again on the same host, the shard
-    finds the claim's process gone, retakes it, and the rows are the one process's."""
+    """SIGKILL leaves the shard's claim and half-written run folder (or, killed between a row and its release, a
+    claim of a finished unit); started again on the same host, the shard finds the claim's process gone, retakes
+    it, and the rows are the one process's; once every unit is done no claim is left."""
     folder, stats = one_process
     out = tmp_path / "sw"
     cmd = [sys.executable, *SHARDED, "--retain-stats", stats, "--out", str(out), "--shard", "0/2"]
@@ -449,7 +451,9 @@ def test_claims(tmp_path):
     dead.wait()
     write("d", socket.gethostname(), dead.pid, 0)
     write("e", socket.gethostname(), os.getppid(), 0)
-    assert [c.take(x) for x in "bcde"] == [False, True, True, False]
+    (tmp_path / "f.claim").write_text("")  # a process killed while writing its claim
+    os.utime(tmp_path / "f.claim", (time.time() - 20,) * 2)
+    assert [c.take(x) for x in "bcdef"] == [False, True, True, False, True]
     assert json.loads((tmp_path / "c.claim").read_text())["pid"] == os.getpid()
     c.release_all()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["b.claim", "e.claim"]
@@ -466,3 +470,59 @@ def test_tables_from_the_rows_on_disk(one_process, tmp_path):
     assert r.returncode == 0, r.stderr
     assert rows(out) == rows(folder) and table1_rows(out) == table1_rows(folder)
     assert (out / "table1.md").read_text() == (folder / "table1.md").read_text()
+
+
+def test_a_lora_configuration_is_the_script_and_uwc_scaling_its_adapter(tmp_path, tiny_path):
+    """--lora-r 8: one configuration gives exactly the lam* of ga.py --lora-r 8 followed by uwc.py (which scales
+    the run's adapter), and its four ES values are those of theta_o with that adapter scaled by lam*, computed here
+    from the run folder's saved adapter."""
+    r = run_main("sweep.py", "--method", "ga", "--split", "forget01", "--tol", "0", "--no-table1", "--lora-r", "8",
+                 "--out", str(tmp_path / "sw"))
+    assert r.returncode == 0, r.stderr
+    (row,) = rows(tmp_path / "sw")
+    assert 0 < row["lam"] < 1 and json.load(open(tmp_path / "sw" / "sweep.json"))["settings"]["lora_r"] == 8
+    r = run_main("ga.py", "--split", "forget01", "--reg", "kl", "--no-eval", "--lora-r", "8", "--out", str(tmp_path / "ga"))
+    assert r.returncode == 0, r.stderr
+    r = run_main("uwc.py", "--model", str(tmp_path / "ga"), "--split", "forget01", "--tol", "0",
+                 "--retain-stats", retain_stats(tmp_path / "stats.json"), "--max-samples", "1")
+    assert r.returncode == 0, r.stderr
+    assert row["lam"] == json.load(open(tmp_path / "ga-uwc" / "uwc.json"))["lam"]
+    import common
+    import eval_tofu
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(common.load_model(tiny_path, frozen=True), str(tmp_path / "ga" / "adapter"))
+    uwc.scale_adapter(model)(row["lam"])
+    tok = common.load_tokenizer(tiny_path)
+    d, sets = common.split_data("forget01"), eval_tofu.load_sets("forget01", "builtin")
+    es = lambda rows, q="question": sum(eval_tofu.es_exact(model.eval(), tok, rows, QA, question=q)) / len(rows)
+    want = dict(es_exact_retain=es(d["retain_eval"]), es_exact_unlearn=es(d["forget"]),
+                es_perturb_retain=es(sets["retain"][1], "paraphrased_question"),
+                es_perturb_unlearn=es(sets["forget"][1], "paraphrased_question"))
+    for k in SCORES:
+        assert row[k] == want[k], k
+
+
+def test_lora_configurations_start_from_fresh_adapters_on_untouched_weights(tmp_path, tiny_path):
+    """Each LoRA configuration gets new adapters made with its seed: the same configuration twice gives the same
+    row, another seed another adapter; the base weights stay the original's throughout, and a split's row before
+    unlearning is theta_o's (the full sweep's)."""
+    import argparse
+    import common
+    args = argparse.Namespace(model="tiny", data=None, tol=None, batch_size=64, es_eos=False, seed=0, lr=None,
+                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None,
+                              min_forget_es=0.3, lora_r=4, lora_alpha=32)
+    sw = sweep.Sweep(args)
+    sw.runs = tmp_path
+    first, again = sw.config("npo", "forget01", {"beta": 0.5}), sw.config("npo", "forget01", {"beta": 0.5})
+    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}
+    assert drop(first) == drop(again) and first["es_exact_unlearn"] < sw.split("forget01")["before"]["es_exact_unlearn"]
+    a = sw.weights()
+    sw.unlearn("npo", "forget01", {"beta": 0.5}, tmp_path / "seed1", keep=False, seed=1)
+    b = sw.weights()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    base = common.load_model(tiny_path, frozen=True).state_dict()
+    for k, v in sw.model.get_base_model().state_dict().items():
+        if ".lora_" not in k:
+            assert torch.equal(v, base[k.replace(".base_layer", "")]), k
+    full = sweep.Sweep(argparse.Namespace(**{**vars(args), "lora_r": 0}))
+    assert sw.split("forget05")["before"] == full.split("forget05")["before"]
