@@ -30,7 +30,7 @@ def pytest_configure(config):
 
 # The longest files first: with one file to a worker (pytest.ini), a long file reached last would
 # keep one worker busy while the others wait.
-LONGEST = ("test_sweep.py", "test_objectives.py", "test_distributed.py", "test_lora.py", "test_nothing_to_unlearn.py",
+LONGEST = ("test_sweep.py", "test_sweep_scale.py", "test_objectives.py", "test_distributed.py", "test_lora.py", "test_nothing_to_unlearn.py",
            "test_eval.py", "test_figures.py", "test_architectures.py")
 
 
