@@ -31,6 +31,8 @@ def main():
     p.add_argument("--split", default="forget05")
     p.add_argument("--json", default=None, help="default: docs/robustness_<data>.json")
     p.add_argument("--jobs", type=int, default=1, help="methods run side by side (each its own processes)")
+    p.add_argument("--collect", action="store_true", help="run nothing: the table from the methods' folders already "
+                                                          "made (those with attack.json and eval.json)")
     args = p.parse_args()
     slug = "builtin" if args.data == "builtin" else Path(args.data).resolve().name
     args.json = args.json or str(ROOT / "docs" / f"robustness_{slug}.json")
@@ -45,9 +47,13 @@ def main():
         t = time.time()
         run = lambda *cmd: subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, check=True,
                                           stdout=subprocess.DEVNULL)
-        run(f"{m}.py", "--split", args.split, "--data", args.data, "--out", out, "--overwrite", "--no-eval")
-        run("attack.py", "--model", out)
-        run("eval_tofu.py", "--model", out, "--max-new-tokens", "8")  # ROUGE-L (so MU) is cut short: not reported
+        if args.collect:
+            if not ((out / "attack.json").is_file() and (out / "eval.json").is_file()):
+                return None
+        else:
+            run(f"{m}.py", "--split", args.split, "--data", args.data, "--out", out, "--overwrite", "--no-eval")
+            run("attack.py", "--model", out)
+            run("eval_tofu.py", "--model", out, "--max-new-tokens", "8")  # ROUGE-L (so MU) is cut short: not reported
         a, e = json.loads((out / "attack.json").read_text()), json.loads((out / "eval.json").read_text())
         relearn = {x["steps"]: x for x in a["attacks"] if x["attack"] == "relearn"}
         quant = {x["bits"]: x for x in a["attacks"] if x["attack"] == "quantize"}
@@ -69,7 +75,7 @@ def main():
 
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads that wait on subprocesses
-        results = list(pool.map(one, methods))
+        results = [r for r in pool.map(one, methods) if r is not None]
     Path(args.json).write_text(json.dumps(dict(data=args.data, split=args.split, seconds=round(time.time() - t0, 1),
                                                rows=results), indent=1) + "\n")
     f = lambda v: "n/a" if v is None else f"{v:.4f}"
