@@ -277,7 +277,7 @@ def test_sweeps_table1_of_p_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "reset_", lambda *a: None)
     sw = sweep.Sweep.__new__(sweep.Sweep)  # no models: evaluate is the stand-in above
     sw.args = SimpleNamespace(batch_size=8, es_eos=False)
-    sw.model = sw.ref_model = sw.tokenizer = sw.template = None
+    sw.model = sw.ref_model = sw.tokenizer = sw.template = sw.lora = None
     sw.split = lambda split: dict(sets={})
     row = sw.table1_row(None, "forget05", {}, ref)
     assert row["log10_forget_quality"] is None and row["log10_forget_quality_bound"] == "< -300"
