@@ -683,12 +683,7 @@ def row_on_disk(f: Path, want: dict):
 
 def load_rows(root: Path, want: dict) -> list:
     """Every finished configuration's row under root/runs whose settings are `want`."""
-    rows = []
-    for f in sorted((root / "runs").glob("*/row.json")):
-        r = json.loads(f.read_text())
-        if r.pop("settings") == want:
-            rows.append(r)
-    return rows
+    return [r for r in (row_on_disk(f, want) for f in sorted((root / "runs").glob("*/row.json"))) if r is not None]
 
 
 # ----------------------------------------------------------------------------- shards: claims on a shared folder
@@ -967,9 +962,7 @@ def main(argv=None):
 
     def t1_row(m, sp, seed=None):
         """Table 1's row on disk for these settings (and this seed), or None."""
-        f = t1_file(m, sp, seed)
-        old = json.loads(f.read_text()) if f.is_file() else None
-        return old if old is not None and old.pop("settings") == want_t1 else None
+        return row_on_disk(t1_file(m, sp, seed), want_t1)
 
     want_att = dict(want_t1, attacks=dict(relearn_steps=args.relearn_steps, relearn_on=args.relearn_on, quant_bits=4,
                                           mia_k=MIA_K))  # an attack row's settings
@@ -978,9 +971,7 @@ def main(argv=None):
 
     def att_row(m, sp, seed=None, file=None):
         """An attack row (or a split's control, `file`) on disk for these settings, or None."""
-        f = file or att_file(m, sp, seed)
-        old = json.loads(f.read_text()) if f.is_file() else None
-        return old if old is not None and old.pop("settings") == want_att else None
+        return row_on_disk(file or att_file(m, sp, seed), want_att)
 
     def grid_rows(m, sp):
         """The rows on disk of (m, sp)'s configurations, every shard's; None while one is missing."""
@@ -997,7 +988,8 @@ def main(argv=None):
         if m is None:
             return None, {}
         rs = grid_rows(m, sp)
-        return (None, None) if not rs else (min(rs, key=rank), min(rs, key=rank)["params"])
+        best = min(rs, key=rank) if rs else None
+        return best, best and best["params"]
 
     def t1_needs(m, sp, seed, params):
         """(Table 1's row, its attack row) still to make for this pick and seed."""
