@@ -44,7 +44,8 @@ import os
 import shutil
 import sys
 import time
-from contextlib import redirect_stdout, suppress
+from collections import Counter
+from contextlib import contextmanager, redirect_stdout, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,6 +68,7 @@ GRIDS = dict(ga={}, po={}, wga=dict(alpha=GRID), npo=dict(beta=GRID), tnpo=dict(
              idkdpo=dict(beta=GRID), undial=dict(beta=(1, 3, 10, 30, 100)))
 SWEPT = dict(wga="alpha", npo="beta", tnpo="beta", wtnpo="beta", rmu="c", simnpo="beta", satimp="beta1",
              idkdpo="beta", undial="beta")  # what --grid replaces
+GEN_TOKENS = 200  # Table 1's generation cap for ROUGE-L, eval_tofu.py's default (TOFU's)
 MIA_K = 0.4  # Min-K%'s k for PrivLeak and Min-K%++ (eval_tofu.py's and attack.py's default)
 # the values each method script accepts (its own checks, said once more so that a bad grid fails first)
 VALID = dict(alpha=(lambda v: v >= 0, ">= 0"), beta=(lambda v: v > 0, "> 0"), c=(lambda v: True, "a number"),
@@ -140,24 +142,34 @@ def snapshot(model) -> dict:
 
 def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, shortfall):
     """Mean ES-exact of `examples` as uwc.py computes it (eval_tofu.score's batches, the mean in row
-    order), but it stops, returning a value below `target`, as soon as the rows left cannot lift
-    the mean to `target` even at ES 1: a probe that UWC's bisection rejects costs a part. The
-    batches go in the order of `shortfall` (batch -> sum of 1 - ES at the last probe), largest
-    first, which is updated: the rows that fell short last time decide a rejection soonest.
-    Returns (mean, complete)."""
+    order), but it stops as soon as the rows left cannot lift the mean to `target` even at ES 1: a probe
+    that UWC's search rejects costs a part. The batches go in the order of `shortfall` (batch -> sum of
+    1 - ES at its last scoring), largest first, which is updated: the rows that fell short last time decide
+    a rejection soonest. Returns (mean, complete). Cut short, the mean is an estimate for the search's
+    guesses, below `target` like the true one: each batch not scored at its last ES, scaled by how much the
+    batches scored now moved since theirs (the mean of the rows scored where there is no last ES), kept
+    between the mean with the rest at 0 and at 1."""
     model.eval()
     batches = eval_tofu.by_length([len(e["input_ids"]) for e in examples], batch_size)
+    last = {b: len(batches[b]) - f for b, f in shortfall.items()}  # each batch's ES sum at its last scoring
     es = [None] * len(examples)
-    done, total = 0, 0.0
-    for b in sorted(range(len(batches)), key=lambda b: -shortfall.get(b, 0.0)):
+    done, total, now, before = 0, 0.0, 0.0, 0.0
+    order = sorted(range(len(batches)), key=lambda b: -shortfall.get(b, 0.0))
+    for j, b in enumerate(order):
         idx = batches[b]  # a row's ES depends on its batch, not on when the batch is scored
         values = eval_tofu.score(model, tokenizer, [examples[i] for i in idx], batch_size, with_eos=with_eos)[1]
         for i, v in zip(idx, values):
             es[i] = v
         shortfall[b] = len(idx) - sum(values)
         done, total = done + len(idx), total + sum(values)
-        if (total + (len(examples) - done)) / len(examples) < target - 1e-9:  # margin: float sums differ
-            return total / len(examples), False
+        if b in last:
+            now, before = now + sum(values), before + last[b]
+        n = len(examples)
+        if (total + (n - done)) / n < target - 1e-9:  # margin: float sums differ
+            scale = now / before if before > 0 else None
+            rest = sum(last[c] * scale if scale is not None and c in last else total / done * len(batches[c])
+                       for c in order[j + 1:])
+            return min(max((total + rest) / n, total / n), (total + n - done) / n), False
     return eval_tofu.mean(es, "ES-exact", "held-out retain"), True
 
 
@@ -186,7 +198,9 @@ class Sweep:
     """One process, one preset: the models and data loaded once, configurations run one by one."""
 
     def __init__(self, args):
+        t0 = time.perf_counter()
         self.args = args
+        self.clock = Counter()  # this process's seconds by phase (profile.json)
         preset, data, _ = eval_tofu.model_defaults(args.model, args.model)
         self.data = common.data_source(args.data or data)  # a folder by its real path, as args.json has it
         self.path = common.model_path(args.model, self.data)  # tiny: that data's own model, built on first use
@@ -207,6 +221,15 @@ class Sweep:
         self.splits = {}
         self.cached_ref = None  # the reference with a cache, for the split being swept
         self.kept = {}  # (method, split) -> (row, theta_u) of the best configuration so far
+        self.clock["loading the models"] += time.perf_counter() - t0
+
+    @contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock[phase] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------- the weights: theta_o, theta_u, mixed
 
@@ -251,6 +274,7 @@ class Sweep:
     def split(self, split: str) -> dict:
         """The split's rows, encoded sets and the original model's ES (the 'before unlearning' row)."""
         if split not in self.splits:
+            t0 = time.perf_counter()
             d = common.split_data(split, self.data)
             sets = eval_tofu.load_sets(split, self.data)
             enc = lambda rows, q="question": common.encode_rows(self.tokenizer, self.template, rows, question=q)
@@ -265,6 +289,7 @@ class Sweep:
                                         f"the target model {self.path} on {split}")
             s["target"] = s["before"]["es_exact_retain"] * (1 - self.tol)
             s["shortfall"] = {}  # retain_es_probe's batch order, carried from probe to probe
+            self.clock["the splits' data and ES before unlearning"] += time.perf_counter() - t0
         return self.splits[split]
 
     def scores(self, s: dict, retain: float = None) -> dict:
@@ -302,7 +327,8 @@ class Sweep:
         t0 = time.time()
         s = self.split(split)
         run_dir = self.runs / name_of(method, split, params)
-        theta_u = self.unlearn(method, split, params, run_dir, self.args.keep)
+        with self.timed("grid: unlearning"):
+            theta_u = self.unlearn(method, split, params, run_dir, self.args.keep)
         t_unlearn = time.time() - t0
         row = dict(method=method, split=split, params=params, **self.after_uwc(s, theta_u),
                    seconds=round(time.time() - t0, 2), seconds_unlearn=round(t_unlearn, 2))
@@ -323,9 +349,11 @@ class Sweep:
             probes[lam] = es if complete else None
             return es
 
-        lam, _ = uwc.search(retain_es, s["target"])
-        self.mix(theta_u, lam)
-        scores = dict(s["before"]) if lam == 0 else self.scores(s, probes.get(lam))  # lam 0: theta_o exactly
+        with self.timed("UWC: the search for lambda*"):
+            lam, _ = uwc.search(retain_es, s["target"], at_zero=s["before"]["es_exact_retain"])
+        with self.timed("UWC: the four ES at lambda*"):
+            self.mix(theta_u, lam)
+            scores = dict(s["before"]) if lam == 0 else self.scores(s, probes.get(lam))  # lam 0: theta_o exactly
         return dict(lam=lam, **scores, probes=len(probes))
 
     def pick_weights(self, method: str, split: str, params: dict, seed: int) -> dict:
@@ -354,7 +382,8 @@ class Sweep:
         self.split(split)
         self.mix(theta_u if method is not None else None, 1.0)
         res = eval_tofu.evaluate(self.model, self.tokenizer, self.table1_sets(split), self.template,
-                                 self.args.batch_size, progress=False, with_eos=self.args.es_eos)
+                                 self.args.batch_size, getattr(self.args, "max_new_tokens", GEN_TOKENS), progress=False,
+                                 with_eos=self.args.es_eos)
         m = res["metrics"]
         fq = None if fq_ref is None else eval_tofu.forget_quality(res["per_sample"]["forget"]["truth_ratio"], fq_ref)
         log_fq, bound = (None, None) if fq is None else eval_tofu.log10_fq(fq)  # p = 0: null and "< -300"
@@ -537,7 +566,7 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
     if tables:
         figures.tuning(root)  # one per tuning table, drawn from the sweep.json just written
     if table1:
-        n = getattr(sweep.args, "max_samples", None)
+        n, g = getattr(sweep.args, "max_samples", None), getattr(sweep.args, "max_new_tokens", GEN_TOKENS)
         cells = table1_cells(table1, attacks)
         seeds = sorted({r["seed"] for r in table1 if r["method"] is not None})
         attacked = any("attacks" in c for c in cells)
@@ -562,12 +591,13 @@ def write_outputs(root: Path, sweep: Sweep, rows: list, picks: dict, table1: lis
         text = ["# Table 1 as the paper builds it: each method at its pick, unmixed, with KL\n",
                 f"Each cell: {how}; the model before unlearning has no seed.\n" if how else "",
                 f"Evaluated on the first {n} rows of each set only (--max-samples {n}).\n" if n else "",
+                f"ROUGE-L on generations of at most {g} new tokens (--max-new-tokens {g}).\n" if g != GEN_TOKENS else "",
                 attack_note(attacks, controls or {}) if attacked else ""] + t + [
             "\n# The same picks after UWC (this project's comparison at equal retention, not the paper's Table 1)\n"
         ] + uwc_t
         atomic_text(root / "table1.md", "\n".join(text) + "\n")
-        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), max_samples=n, seeds=seeds,
-                                                             cells=cells, rows=table1, attacks=list(attacks),
+        eval_tofu.write_json(str(root / "table1.json"), dict(settings=settings(sweep), max_samples=n, max_new_tokens=g,
+                                                             seeds=seeds, cells=cells, rows=table1, attacks=list(attacks),
                                                              attack_controls=controls if attacked else {}))
         if attacked:
             figures.table1_relearn(root / "table1.json", root / "table1-relearn.png")
@@ -656,6 +686,15 @@ def beyond_noise(xs: list, ys: list) -> int:
     if None in xs or None in ys:
         return 0
     return 1 if min(xs) > max(ys) else -1 if max(xs) < min(ys) else 0
+
+
+def write_profile(path: Path, clock: Counter, wall: float, ran: Counter):
+    """profile.json: this process's wall time, its seconds by phase (the rest: writing rows, claims, the
+    tables) and the units it ran; printed as one line too."""
+    phases = {k: round(v, 1) for k, v in sorted(clock.items(), key=lambda kv: -kv[1])}
+    atomic_text(path, json.dumps(dict(wall_seconds=round(wall, 1), phases=phases,
+                                      other=round(wall - sum(clock.values()), 1), units=dict(ran)), indent=1) + "\n")
+    print(f"{wall / 60:.1f} min: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in phases.items()) + f" ({path.name})")
 
 
 def atomic_text(path: Path, text: str):
@@ -852,6 +891,8 @@ def main(argv=None):
     a("--no-table1", action="store_true", help="tuning tables only: skip Table 1's full evaluations")
     a("--max-samples", type=int, default=None, help="Table 1 on the first N rows of each set only, as eval_tofu.py's "
                                                      "(default: all; the tuning always uses all)")
+    a("--max-new-tokens", type=int, default=GEN_TOKENS, help="Table 1's generation cap for ROUGE-L, as eval_tofu.py's "
+                                                            f"(default {GEN_TOKENS}, TOFU's)")
     a("--attacks", action="store_true", help="Table 1 gains attack.py's attacks on every pick and seed: ES-exact on V "
                                               "after relearning (the largest S), ES-exact after 4-bit quantization, "
                                               "PrivLeak; and the figure table1-relearn.png")
@@ -870,6 +911,7 @@ def main(argv=None):
     a("--out", default=None, help="output folder: new, empty, or a sweep's to resume (default: out/sweep/<preset>)")
     common.add_min_forget_es(parser)
     args = parser.parse_args(argv)
+    t_start = time.perf_counter()
     try:
         common.single_process("sweep.py")
         methods = METHODS if args.method == "all" else (args.method,)
@@ -886,6 +928,8 @@ def main(argv=None):
             raise common.UsageError(f"--seeds must be >= 1, got {args.seeds}")
         if args.max_samples is not None and args.max_samples < 1:
             raise common.UsageError(f"--max-samples must be >= 1, got {args.max_samples}")
+        if args.max_new_tokens < 1:
+            raise common.UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.batch_size < 1 or (args.lr is not None and not args.lr > 0) or (
                 args.epochs is not None and not args.epochs > 0):
             raise common.UsageError("--batch-size must be >= 1 and --lr, --epochs positive")
@@ -956,7 +1000,8 @@ def main(argv=None):
     t1_dir = root / "table1"
     t1_dir.mkdir(exist_ok=True)
     seeds = [args.seed + k for k in range(args.seeds)]  # Table 1's unlearning seeds; the grid's is the first
-    want_t1 = want if args.max_samples is None else dict(want, max_samples=args.max_samples)  # Table 1's rows
+    want_t1 = dict(want, **({} if args.max_samples is None else dict(max_samples=args.max_samples)),
+                   **({} if args.max_new_tokens == GEN_TOKENS else dict(max_new_tokens=args.max_new_tokens)))  # Table 1's
     seeds_of = lambda m: [None] if m is None else seeds  # the model before unlearning has no seed
     t1_file = lambda m, sp, seed: t1_dir / (f"{sp}-before.json" if m is None else f"{sp}-{m}-seed{seed}.json")
 
@@ -1048,34 +1093,41 @@ def main(argv=None):
         need_t1, need_att = t1_needs(m, sp, seed, params)
         bar.set_postfix_str(f"table 1: {sp} {NAMES.get(m, 'before unlearning')}" + ("" if m is None else f" seed {seed}"))
         if sp not in refs:
-            refs[sp] = fq_reference(sweep, sp)
+            with sweep.timed("Table 1: the retain-only model's truth ratios (FQ)"):
+                refs[sp] = fq_reference(sweep, sp)
         theta_u = None
         if m is not None:
             current = None if seed == args.seed else sweep.runs / f"{name_of(m, sp, params)}-seed{seed}"
-            theta_u = sweep.pick_weights(m, sp, params, seed)
+            with sweep.timed("Table 1: unlearning the picks again"):
+                theta_u = sweep.pick_weights(m, sp, params, seed)
             current = None
         if need_t1 and m is None:
-            r = sweep.table1_row(None, sp, params, refs[sp])
+            with sweep.timed("Table 1: full evaluation (ES, MU, FQ)"):
+                r = sweep.table1_row(None, sp, params, refs[sp])
         elif need_t1:
             # after UWC: the grid's row at the grid's seed, else UWC's search on this seed's weights
             u_row = grid_row if seed == args.seed else sweep.after_uwc(sweep.split(sp), theta_u)
-            r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
-                     uwc={k: u_row[k] for k in ("lam",) + COLS})
+            with sweep.timed("Table 1: full evaluation (ES, MU, FQ)"):
+                r = dict(sweep.table1_row(m, sp, params, refs[sp], theta_u), seed=seed,
+                         uwc={k: u_row[k] for k in ("lam",) + COLS})
         if need_t1:
             eval_tofu.write_json(str(t1_file(m, sp, seed)), dict(r, settings=want_t1))
         if need_att:
             if sp not in controls:  # the retain-only model's PrivLeak level and relearning, once a split
                 controls[sp] = att_row(None, sp, file=control_file(sp))
                 if controls[sp] is None:
-                    controls[sp] = sweep.attack_control(sp, retain_path(sweep, sp))
+                    with sweep.timed("attacks"):
+                        controls[sp] = sweep.attack_control(sp, retain_path(sweep, sp))
                     eval_tofu.write_json(str(control_file(sp)), dict(controls[sp], settings=want_att))
-            r = dict(sweep.attack(m, sp, params, controls[sp], theta_u), seed=seed)
+            with sweep.timed("attacks"):
+                r = dict(sweep.attack(m, sp, params, controls[sp], theta_u), seed=seed)
             eval_tofu.write_json(str(att_file(m, sp, seed)), dict(r, settings=want_att))
         if m is not None and seed == seeds[-1]:
             sweep.kept.pop((m, sp), None)  # the pick's unmixed weights are not needed any more
 
     try:
         order = todo[i::n_shards] + todo  # this shard's own units first, then whatever is left
+        ran = Counter()  # units this process ran, by kind
         progressed = True
         while progressed:  # again while a pass ran something: units of dead shards, rows the others finished
             progressed = False
@@ -1088,6 +1140,7 @@ def main(argv=None):
                 try:
                     if not done(u):  # finished by another shard between the check and the claim
                         run(u)
+                        ran[u[0]] += 1
                         bar.update(1)
                         progressed = True
                 finally:
@@ -1114,6 +1167,8 @@ def main(argv=None):
         common.die(str(e))
     bar.close()
     claims.stop.set()
+    if ran and n_shards == 1:  # where this process's time went, by phase (docs/tuning.md, "Where the time goes")
+        write_profile(root / "profile.json", sweep.clock, time.perf_counter() - t_start, ran)
     left = [] if args.tables else [u for u in units if not done(u)]
     if not left:
         claims.clear_stale()

@@ -71,7 +71,7 @@ def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
     # so that lam* < 1 and Table 1's unmixed row differs from UWC's
     r = run_main("sweep.py", "--method", "npo", "--split", "forget01", "--grid", "0.5", "--tol", "0", "--seeds", "1",
                  "--keep", "--retain-stats", str(tmp_path / "stats-{split}.json"), "--max-samples", "20",
-                 "--out", str(out))
+                 "--max-new-tokens", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     sw = json.load(open(out / "sweep.json"))
     best = min(sw["rows"], key=sweep.rank)
@@ -82,7 +82,7 @@ def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
     # the kept run folder holds the model before UWC: eval_tofu.py on it gives Table 1's row
     kept = out / "runs" / sweep.name_of("npo", "forget01", best["params"])
     r = run_main("eval_tofu.py", "--model", str(kept), "--split", "forget01", "--retain-stats", stats,
-                 "--max-samples", "20", "--out", str(tmp_path / "eval.json"))
+                 "--max-samples", "20", "--max-new-tokens", "4", "--out", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr
     summary = json.load(open(tmp_path / "eval.json"))["summary"]
     for k in SCORES + ("model_utility", "log10_forget_quality"):
@@ -93,9 +93,11 @@ def test_table1_row_is_the_unmixed_model_evaluated_fully(tmp_path):
     assert r.returncode == 0, r.stderr
     mixed = json.load(open(out / "runs" / (kept.name + "-uwc") / "uwc.json"))
     assert mixed["lam"] == best["lam"] < 1 and mixed["summary"]["es_exact_retain"] > t1[1]["es_exact_retain"]
-    assert json.load(open(out / "table1.json"))["max_samples"] == 20
+    t1_json = json.load(open(out / "table1.json"))
+    assert (t1_json["max_samples"], t1_json["max_new_tokens"]) == (20, 4)
     md = (out / "table1.md").read_text()
     assert "| forget01 | NPO |" in md and "after UWC" in md and "first 20 rows of each set only" in md
+    assert "at most 4 new tokens" in md
     tables = (out / "tables.md").read_text()
     assert "## NPO (the paper's Table 3)" in tables
     assert all(f"| forget01 | {v} |" in tables for v in ("before unlearning", "0.5"))
@@ -140,6 +142,7 @@ def test_a_killed_sweep_resumes_to_the_same_result(tmp_path):
     (["--method", "npo", "--grid", "0.5,x"], "comma-separated numbers"),
     (["--split", "all", "--retain-stats", "s.json"], "put {split} in"),
     (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--shard", "2/2"], "--shard takes i/N with 0 <= i < N, e.g. 0/4; got '2/2'"),
     (["--claim-timeout", "0"], "--claim-timeout must be positive, got 0"),
     (["--lora-r", "8", "--attacks"], "--attacks is for full fine-tuning sweeps"),
@@ -224,7 +227,7 @@ def test_table1_after_a_grid_run_earlier_keeps_its_rows(tmp_path):
     assert run_main(*common, "--no-table1").returncode == 0
     first = rows(out)
     r = run_main(*common, "--seeds", "1", "--retain-stats", retain_stats(tmp_path / "stats.json"),
-                 "--max-samples", "20")
+                 "--max-samples", "20", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
     assert "1 configurations, 1 already done" in r.stdout and rows(out) == first
     assert (out / "runs" / "ga-forget01" / "row.json").is_file() and not (out / "scratch").exists()
@@ -240,16 +243,22 @@ def test_seeds_give_table1_its_means_and_spreads(tmp_path):
     out = tmp_path / "sw"
     r = run_main("sweep.py", "--method", "wga", "--split", "forget01", "--grid", "5", "--tol", "0.02", "--seeds", "2",
                  "--keep", "--retain-stats", str(tmp_path / "stats-{split}.json"), "--max-samples", "20",
-                 "--out", str(out))
+                 "--max-new-tokens", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "(unlearning seeds 0, 1)" in r.stdout and len(rows(out)) == 1
+    prof = json.load(open(out / "profile.json"))  # where the time went: every phase this run went through
+    assert prof["units"] == {"grid": 1, "table1": 3}
+    assert {"grid: unlearning", "UWC: the search for lambda*", "UWC: the four ES at lambda*",
+            "Table 1: unlearning the picks again", "Table 1: full evaluation (ES, MU, FQ)"} <= set(prof["phases"])
+    assert "attacks" not in prof["phases"] and prof["phases"]["grid: unlearning"] > 0
+    assert sum(prof["phases"].values()) + prof["other"] == pytest.approx(prof["wall_seconds"], abs=0.5)
     t1 = json.load(open(out / "table1.json"))
     assert t1["seeds"] == [0, 1] and [(x["method"], x.get("seed")) for x in t1["rows"]] == [
         (None, None), ("wga", 0), ("wga", 1)]
     seed1 = out / "runs" / (sweep.name_of("wga", "forget01", {"alpha": 5.0}) + "-seed1")
     assert json.load(open(seed1 / "args.json"))["seed"] == 1
     r = run_main("eval_tofu.py", "--model", str(seed1), "--split", "forget01", "--retain-stats", stats,
-                 "--max-samples", "20", "--out", str(tmp_path / "eval.json"))
+                 "--max-samples", "20", "--max-new-tokens", "4", "--out", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr
     summary = json.load(open(tmp_path / "eval.json"))["summary"]
     row0, row1 = t1["rows"][1], t1["rows"][2]
@@ -335,7 +344,7 @@ def test_attacks_are_attack_py_and_eval_tofu_py_on_the_pick(tmp_path, tiny_path)
     stand_in = str(shutil.copytree(tiny_path, tmp_path / "retain-only"))
     out = tmp_path / "sw"
     base = ["sweep.py", "--method", "ga", "--split", "forget01", "--seeds", "1", "--keep", "--retain-model", stand_in,
-            "--max-samples", "20", "--out", str(out)]
+            "--max-samples", "20", "--max-new-tokens", "4", "--out", str(out)]
     assert run_main(*base).returncode == 0
     t1 = (out / "table1" / "forget01-ga-seed0.json").read_bytes()
     r = run_main(*base, "--attacks", "--relearn-steps", "1,3")

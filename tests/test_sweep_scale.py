@@ -17,7 +17,7 @@ from test_sweep import QA, SCORES, retain_stats, rows
 # ---- shards: several processes share one folder
 
 SHARDED = ["sweep.py", "--method", "wga", "--split", "forget01", "--grid", "1,5,10", "--tol", "0.02", "--seeds", "1",
-           "--max-samples", "5"]
+           "--max-samples", "5", "--max-new-tokens", "4"]
 
 
 def one_thread():
