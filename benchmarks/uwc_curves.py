@@ -13,7 +13,6 @@ Writes --json (default docs/uwc_curves.json): the curves, the rises and both sea
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
