@@ -144,8 +144,8 @@ def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, sh
     """Mean ES-exact of `examples` as uwc.py computes it (eval_tofu.score's batches, the mean in row
     order), but it stops as soon as the rows left cannot lift the mean to `target` even at ES 1: a probe
     that UWC's search rejects costs a part. The batches go in the order of `shortfall` (batch -> sum of
-    1 - ES at its last scoring), largest first, which is updated: the rows that fell short last time decide
-    a rejection soonest. Returns (mean, complete). Cut short, the mean is an estimate for the search's
+    1 - ES at its last scoring in this search), largest first, which is updated: the rows that fell short
+    last time decide a rejection soonest. Returns (mean, complete). Cut short, the mean is an estimate for the search's
     guesses, below `target` like the true one: each batch not scored at its last ES, scaled by how much the
     batches scored now moved since theirs (the mean of the rows scored where there is no last ES), kept
     between the mean with the rest at 0 and at 1."""
@@ -288,7 +288,6 @@ class Sweep:
             eval_tofu.forget_es_warning(s["before"]["es_exact_unlearn"], self.args.min_forget_es,
                                         f"the target model {self.path} on {split}")
             s["target"] = s["before"]["es_exact_retain"] * (1 - self.tol)
-            s["shortfall"] = {}  # retain_es_probe's batch order, carried from probe to probe
             self.clock["the splits' data and ES before unlearning"] += time.perf_counter() - t0
         return self.splits[split]
 
@@ -341,11 +340,13 @@ class Sweep:
     def after_uwc(self, s: dict, theta_u: dict) -> dict:
         """UWC's search for lam* on the held-out retain rows, then the four ES values at lam*."""
         probes = {}
+        shortfall = {}  # the probes' batch order, from probe to probe of this search only: a configuration's
+        # probes (their number is in its row) do not depend on what ran before it in the process
 
         def retain_es(lam):
             self.mix(theta_u, lam)
             es, complete = retain_es_probe(self.model, self.tokenizer, s["retain"], s["target"],
-                                           self.args.batch_size, self.args.es_eos, s["shortfall"])
+                                           self.args.batch_size, self.args.es_eos, shortfall)
             probes[lam] = es if complete else None
             return es
 

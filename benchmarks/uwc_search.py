@@ -3,7 +3,7 @@ UWC's search for lambda* three ways, side by side, on the configurations benchma
 measured (docs/uwc_curves.json): each configuration is unlearned once in memory as sweep.py does it,
 then lambda* is searched in turn by bisection (the search before), by uwc.search with sweep.py's probes
 (cut short when the target is out of reach, returning an estimate), and by uwc.search with every probe
-complete. Each starts from the same batch order. Prints lambda*, the probes and the seconds of each, and
+complete. Each search starts with no batch order, as sweep.py's. Prints lambda*, the probes and the seconds of each, and
 the totals (docs/tuning.md, "Where the time goes").
 
     OMP_NUM_THREADS=1 python benchmarks/uwc_search.py          # ~4 minutes on 2 cores
@@ -35,16 +35,15 @@ def main():
     for c in json.load(open(a.curves))["configurations"]:
         s = sw.split(c["split"])
         theta_u = sw.unlearn(c["method"], c["split"], c["params"], sw.runs / "run", keep=False)
-        start = dict(s["shortfall"])
         out = {}
         for way in ("bisection", "search", "search, complete probes"):
-            s["shortfall"] = dict(start)
+            shortfall = {}
 
             def retain_es(lam):
                 sw.mix(theta_u, lam)
                 target = -1.0 if way.endswith("complete probes") else s["target"]
                 return sweep.retain_es_probe(sw.model, sw.tokenizer, s["retain"], target, args.batch_size,
-                                             args.es_eos, s["shortfall"])[0]
+                                             args.es_eos, shortfall)[0]
 
             t0 = time.perf_counter()
             if way == "bisection":
