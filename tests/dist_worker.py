@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Plain SGD: AdamW turns float noise in near-zero gradients into steps of the learning rate's size,
 # which would compare the noise rather than the two ways of computing the same step.
 RUNS = {
-    "ga": ["--reg", "kl"],
+    "ga": ["--reg", "kl", "--max-samples", "8"],  # its ES evaluation, on the first 8 rows of each set
     "wga": ["--reg", "none", "--no-eval"],
     "npo": ["--reg", "gd", "--no-eval", "--grad-accum", "2", "--batch-size", "14", "--max-steps", "4"],  # step 4: 8 rows
     "tnpo": ["--reg", "kl", "--no-eval", "--geffect-dr", "step"],

@@ -16,7 +16,7 @@ from test_sweep import QA, SCORES, retain_stats, rows
 
 # ---- shards: several processes share one folder
 
-SHARDED = ["sweep.py", "--method", "wga", "--split", "forget01", "--grid", "1,5,10", "--tol", "0.02", "--seeds", "1",
+SHARDED = ["sweep.py", "--method", "wga", "--split", "forget01", "--grid", "1,5", "--tol", "0.02", "--seeds", "1",
            "--max-samples", "5", "--max-new-tokens", "4"]
 
 
@@ -49,7 +49,7 @@ def test_two_shards_at_once_equal_one_process(one_process, tmp_path):
     res = [p.communicate(timeout=600) for p in ps]
     assert [p.returncode for p in ps] == [0, 0], [e[-2000:] for _, e in res]
     ran = [o.count(": λ* ") for o, _ in res]  # the configurations each shard ran
-    assert sum(ran) == 3 and min(ran) >= 1, ran  # each ran at least one, none twice
+    assert sum(ran) == 2 and min(ran) >= 1, ran  # each ran one, none twice
     assert rows(out) == rows(folder) and table1_rows(out) == table1_rows(folder)
     assert not list((out / "claims").iterdir())
 
