@@ -145,14 +145,14 @@ def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, sh
     order), but it stops as soon as the rows left cannot lift the mean to `target` even at ES 1: a probe
     that UWC's search rejects costs a part. The batches go in the order of `shortfall` (batch -> sum of
     1 - ES at its last scoring in this search), largest first, which is updated: the rows that fell short
-    last time decide a rejection soonest. Returns (mean, complete). Cut short, the mean is an estimate for the search's
-    guesses, below `target` like the true one: each batch not scored at its last ES, scaled by how much the
-    batches scored now moved since theirs (the mean of the rows scored where there is no last ES), kept
-    between the mean with the rest at 0 and at 1."""
+    last time decide a rejection soonest. Returns (mean, complete). Cut short, the mean is an estimate for
+    the search's guesses, below `target` like the true one: each batch not scored at its last ES, scaled by
+    how much the batches scored now moved since theirs (the mean of the rows scored where there is no last
+    ES), kept between the mean with the rest at 0 and at 1."""
     model.eval()
     batches = eval_tofu.by_length([len(e["input_ids"]) for e in examples], batch_size)
     last = {b: len(batches[b]) - f for b, f in shortfall.items()}  # each batch's ES sum at its last scoring
-    es = [None] * len(examples)
+    n, es = len(examples), [None] * len(examples)
     done, total, now, before = 0, 0.0, 0.0, 0.0
     order = sorted(range(len(batches)), key=lambda b: -shortfall.get(b, 0.0))
     for j, b in enumerate(order):
@@ -160,11 +160,11 @@ def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, sh
         values = eval_tofu.score(model, tokenizer, [examples[i] for i in idx], batch_size, with_eos=with_eos)[1]
         for i, v in zip(idx, values):
             es[i] = v
-        shortfall[b] = len(idx) - sum(values)
-        done, total = done + len(idx), total + sum(values)
+        got = sum(values)
+        shortfall[b] = len(idx) - got
+        done, total = done + len(idx), total + got
         if b in last:
-            now, before = now + sum(values), before + last[b]
-        n = len(examples)
+            now, before = now + got, before + last[b]
         if (total + (n - done)) / n < target - 1e-9:  # margin: float sums differ
             scale = now / before if before > 0 else None
             rest = sum(last[c] * scale if scale is not None and c in last else total / done * len(batches[c])
@@ -1001,8 +1001,11 @@ def main(argv=None):
     t1_dir = root / "table1"
     t1_dir.mkdir(exist_ok=True)
     seeds = [args.seed + k for k in range(args.seeds)]  # Table 1's unlearning seeds; the grid's is the first
-    want_t1 = dict(want, **({} if args.max_samples is None else dict(max_samples=args.max_samples)),
-                   **({} if args.max_new_tokens == GEN_TOKENS else dict(max_new_tokens=args.max_new_tokens)))  # Table 1's
+    want_t1 = dict(want)  # Table 1's rows: the grid's settings, and its own flags where they are not the defaults
+    if args.max_samples is not None:
+        want_t1["max_samples"] = args.max_samples
+    if args.max_new_tokens != GEN_TOKENS:
+        want_t1["max_new_tokens"] = args.max_new_tokens
     seeds_of = lambda m: [None] if m is None else seeds  # the model before unlearning has no seed
     t1_file = lambda m, sp, seed: t1_dir / (f"{sp}-before.json" if m is None else f"{sp}-{m}-seed{seed}.json")
 

@@ -14,6 +14,7 @@ Writes --json (default docs/uwc_curves.json): the curves, the rises and both sea
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +41,17 @@ def bisection(retain_es, target: float):
     return lo, lams
 
 
+def tiny_sweep() -> sweep.Sweep:
+    """sweep.py's in-memory runner at its defaults (tiny preset, built-in set, seed 0), its configurations' logs
+    in a temporary folder that goes with the process, never in a sweep's own folder."""
+    args = argparse.Namespace(model="tiny", data=None, tol=None, batch_size=64, es_eos=False, seed=0, lr=None,
+                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None, min_forget_es=0.3)
+    sw = sweep.Sweep(args)
+    sw.scratch = tempfile.TemporaryDirectory(prefix="uwc-bench-")  # removed when sw is
+    sw.runs = Path(sw.scratch.name)
+    return sw
+
+
 def chosen(rows: list, per_split: int) -> list:
     """Per split, up to `per_split` configurations with lambda* < 1, one method each, spread over METHODS."""
     out = []
@@ -61,10 +73,8 @@ def main():
     p.add_argument("--json", default=str(ROOT / "docs" / "uwc_curves.json"))
     a = p.parse_args()
     rows = json.load(open(Path(a.folder) / "sweep.json"))["rows"]
-    args = argparse.Namespace(model="tiny", data=None, tol=None, batch_size=64, es_eos=False, seed=0, lr=None,
-                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None, min_forget_es=0.3)
-    sw = sweep.Sweep(args)
-    sw.runs = Path(a.folder) / "scratch-curves"
+    sw = tiny_sweep()
+    args = sw.args
     out = []
     for row in chosen(rows, a.per_split):
         t0 = time.time()

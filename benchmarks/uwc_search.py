@@ -20,17 +20,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sweep  # noqa: E402
 import uwc  # noqa: E402
-from uwc_curves import bisection  # noqa: E402
+from uwc_curves import bisection, tiny_sweep  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--curves", default=str(ROOT / "docs" / "uwc_curves.json"))
     a = p.parse_args()
-    args = argparse.Namespace(model="tiny", data=None, tol=None, batch_size=64, es_eos=False, seed=0, lr=None,
-                              epochs=None, keep=False, grid=None, wtnpo_alpha=None, rmu_layers=None, min_forget_es=0.3)
-    sw = sweep.Sweep(args)
-    sw.runs = ROOT / "out" / "uwc_search"
+    sw = tiny_sweep()
+    args = sw.args
     totals = {}
     for c in json.load(open(a.curves))["configurations"]:
         s = sw.split(c["split"])
