@@ -157,7 +157,8 @@ def retain_es_probe(model, tokenizer, examples, target, batch_size, with_eos, sh
     order = sorted(range(len(batches)), key=lambda b: -shortfall.get(b, 0.0))
     for j, b in enumerate(order):
         idx = batches[b]  # a row's ES depends on its batch, not on when the batch is scored
-        values = eval_tofu.score(model, tokenizer, [examples[i] for i in idx], batch_size, with_eos=with_eos)[1]
+        values = eval_tofu.score(model, tokenizer, [examples[i] for i in idx], batch_size, with_eos=with_eos,
+                                logp=False)[1]
         for i, v in zip(idx, values):
             es[i] = v
         got = sum(values)
@@ -296,7 +297,8 @@ class Sweep:
         held-out rows when UWC's search has measured it already."""
         self.model.eval()
         es = lambda ex, metric, where: eval_tofu.mean(eval_tofu.score(
-            self.model, self.tokenizer, ex, self.args.batch_size, with_eos=self.args.es_eos)[1], metric, where)
+            self.model, self.tokenizer, ex, self.args.batch_size, with_eos=self.args.es_eos, logp=False)[1], metric,
+            where)
         return dict(es_exact_retain=es(s["retain"], "ES-exact", "held-out retain") if retain is None else retain,
                     es_exact_unlearn=es(s["forget"], "ES-exact", "forget"),
                     es_perturb_retain=es(s["retain_perturb"], "ES-perturb", "held-out retain"),

@@ -210,6 +210,39 @@ def test_batched_generation_equals_unbatched(tiny):
     assert sum(g == r["answer"] for g, r in zip(eval_tofu.generate(model, tok, ex), rows)) >= 22
 
 
+def test_greedy_gives_generates_tokens(tiny):
+    """greedy (the cache grown in place, the ended rows dropped from the batch) against transformers'
+    model.generate, token for token: on the target model, whose rows end at different steps, and on shaken
+    copies, one of whose rows run to the cap while others end."""
+    model, tok = tiny
+    split = common.split_data("forget05")
+    ex = common.encode_rows(tok, QA, split["forget"][:16] + split["retain_eval"][:16])
+    prompts = [e["prompt_ids"] for e in ex]
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts])
+    attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    lengths = []
+    for m in (model, noisy_copy(model, 1.0), noisy_copy(model, 2.0)):
+        out = m.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=48,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, T:].tolist()
+        want = [row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in out]
+        got = eval_tofu.greedy(m, ids, attn, 48, tok.eos_token_id, tok.pad_token_id)
+        assert got == want
+        lengths.append(sorted(len(g) for g in got))
+    assert lengths[0][-1] < 48  # the target model: every row ends, ...
+    assert lengths[2][0] < 10 and lengths[2][-1] == 48  # ... and rows that end early beside rows at the cap
+
+
+def test_score_without_logprobs(tiny):
+    """score(logp=False): the same ES as with the log-probs, which it does not compute."""
+    model, tok = tiny
+    ex = common.encode_rows(tok, QA, common.split_data("forget05")["forget"][:20])
+    m = noisy_copy(model, 0.5)
+    logp, es = eval_tofu.score(m, tok, ex, batch_size=8)
+    none, es2 = eval_tofu.score(m, tok, ex, batch_size=8, logp=False)
+    assert none is None and es2 == es and len(logp) == 20 and 0 < sum(es) < 20
+
+
 def test_rouge_l_recall():
     r = eval_tofu.rouge_l_recall(["The cat sat on the mat.", "Jane Austen wrote it", "a b c d"],
                                  ["the cats sat on a mat", "Jane Austen", "x y z"])
