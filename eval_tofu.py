@@ -294,19 +294,21 @@ def greedy(model, ids, attn, max_new_tokens: int, eos_id: int, pad_id: int) -> l
     return new
 
 
+def left_pad(prompts: list, pad_id: int) -> tuple:
+    """(input_ids, attention_mask) of token lists, left-padded to the longest."""
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return ids, attn
+
+
 @torch.no_grad()
 def generate(model, tokenizer, examples, batch_size=64, max_new_tokens=200, bar=None):
     """Greedy continuation of each prompt up to EOS, decoded. Batches are left-padded (greedy)."""
     device = next(model.parameters()).device
     texts = [""] * len(examples)
     for idx in by_length([len(e["prompt_ids"]) for e in examples], batch_size):
-        prompts = [examples[i]["prompt_ids"] for i in idx]
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(idx), T), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(idx), T), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, T - len(p):] = torch.tensor(p)
-            attn[j, T - len(p):] = 1
+        ids, attn = left_pad([examples[i]["prompt_ids"] for i in idx], tokenizer.pad_token_id)
         out = greedy(model, ids.to(device), attn.to(device), max_new_tokens, tokenizer.eos_token_id,
                      tokenizer.pad_token_id)
         for j, i in enumerate(idx):

@@ -33,10 +33,8 @@ def generate_by_transformers(model, tokenizer, examples, batch_size=64, max_new_
     """eval_tofu.generate's batches, decoded by model.generate (greedy, its DynamicCache, every row to the end)."""
     texts = [""] * len(examples)
     for idx in eval_tofu.by_length([len(e["prompt_ids"]) for e in examples], batch_size):
-        prompts = [examples[i]["prompt_ids"] for i in idx]
-        T = max(len(p) for p in prompts)
-        ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(p)) + p for p in prompts])
-        attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        ids, attn = eval_tofu.left_pad([examples[i]["prompt_ids"] for i in idx], tokenizer.pad_token_id)
+        T = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for j, i in enumerate(idx):
@@ -56,11 +54,9 @@ def tofu_cap_rouge(model, tokenizer, sets, template, batch_size=64, max_length=2
         ex = eval_tofu.common.encode_rows(tokenizer, template, qa)
         texts = [""] * len(ex)
         for idx in eval_tofu.by_length([len(e["prompt_ids"]) for e in ex], batch_size):
-            prompts = [ex[i]["prompt_ids"] for i in idx]
-            T = max(len(p) for p in prompts)
-            ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(p)) + p for p in prompts])
-            attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-            new = eval_tofu.greedy(model, ids, attn, max_length - T, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            ids, attn = eval_tofu.left_pad([ex[i]["prompt_ids"] for i in idx], tokenizer.pad_token_id)
+            new = eval_tofu.greedy(model, ids, attn, max_length - ids.shape[1], tokenizer.eos_token_id,
+                                   tokenizer.pad_token_id)
             for j, i in enumerate(idx):
                 texts[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
         out[name] = statistics.mean(eval_tofu.rouge_l_recall([r["answer"] for r in qa], texts))

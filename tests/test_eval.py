@@ -217,10 +217,10 @@ def test_greedy_gives_generates_tokens(tiny):
     model, tok = tiny
     split = common.split_data("forget05")
     ex = common.encode_rows(tok, QA, split["forget"][:16] + split["retain_eval"][:16])
-    prompts = [e["prompt_ids"] for e in ex]
-    T = max(len(p) for p in prompts)
-    ids = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts])
-    attn = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    ids, attn = eval_tofu.left_pad([e["prompt_ids"] for e in ex], tok.pad_token_id)
+    T = ids.shape[1]
+    assert all(ids[j, T - len(e["prompt_ids"]):].tolist() == e["prompt_ids"] for j, e in enumerate(ex))
+    assert attn.sum(1).tolist() == [len(e["prompt_ids"]) for e in ex] and (ids[attn == 0] == tok.pad_token_id).all()
     lengths = []
     for m in (model, noisy_copy(model, 1.0), noisy_copy(model, 2.0)):
         out = m.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=48,
