@@ -267,15 +267,18 @@ def greedy(model, ids, attn, max_new_tokens: int, eos_id: int, pad_id: int) -> l
     that have ended leave the batch, whose other rows compute the same numbers without them."""
     device = ids.device
     cache = kv_cache(model, ids.shape[1] + max_new_tokens)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # with LoRA: the model under it
+    params = inspect.signature(base.forward).parameters  # names differ across transformers versions
+    kw = {"cache" if "cache" in params else "past_key_values": cache}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1  # the last position's logits only, as generate asks for them
     pos = attn.long().cumsum(-1) - 1
     pos.masked_fill_(attn == 0, 1)  # as generate: the padding's positions do not matter, being masked
     new = [[] for _ in range(len(ids))]
     live = torch.arange(len(ids), device=device)  # the original row of each row of the batch
     x, ended = ids, torch.zeros(len(ids), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                       **{cache_arg: cache}).logits[:, -1]
+        logits = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, **kw).logits[:, -1]
         tok = logits.float().argmax(-1)
         for i, t, done in zip(live.tolist(), tok.tolist(), ended.tolist()):
             if not done and t != eos_id:

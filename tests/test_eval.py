@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,7 +214,7 @@ def test_batched_generation_equals_unbatched(tiny):
 def test_greedy_gives_generates_tokens(tiny):
     """greedy (the cache grown in place, the ended rows dropped from the batch) against transformers'
     model.generate, token for token: on the target model, whose rows end at different steps, and on shaken
-    copies, one of whose rows run to the cap while others end."""
+    copies, one of whose rows run to the cap while others end; and through a LoRA model's forward."""
     model, tok = tiny
     split = common.split_data("forget05")
     ex = common.encode_rows(tok, QA, split["forget"][:16] + split["retain_eval"][:16])
@@ -222,7 +223,9 @@ def test_greedy_gives_generates_tokens(tiny):
     assert all(ids[j, T - len(e["prompt_ids"]):].tolist() == e["prompt_ids"] for j, e in enumerate(ex))
     assert attn.sum(1).tolist() == [len(e["prompt_ids"]) for e in ex] and (ids[attn == 0] == tok.pad_token_id).all()
     lengths = []
-    for m in (model, noisy_copy(model, 1.0), noisy_copy(model, 2.0)):
+    lora = common.add_lora(noisy_copy(model, 1.0, seed=1), SimpleNamespace(
+        lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets="all-linear", seed=0))  # PEFT's forward around it
+    for m in (model, noisy_copy(model, 1.0), noisy_copy(model, 2.0), lora.eval()):
         out = m.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=48,
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, T:].tolist()
         want = [row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in out]
