@@ -48,17 +48,16 @@ def generate_by_transformers(model, tokenizer, examples, batch_size=64, max_new_
 
 def tofu_cap_rouge(model, tokenizer, sets, template, batch_size=64, max_length=200) -> dict:
     """Each set's mean ROUGE-L recall when a batch generates max_length tokens in all, its padded prompt
-    included (TOFU's generation config), in eval_tofu.generate's batches."""
+    included (TOFU's generation config), in eval_tofu.generate's batches: each batch alone through
+    eval_tofu.generate, capped at max_length less its longest prompt."""
     out = {}
     for name, (qa, _, _) in sets.items():
         ex = eval_tofu.common.encode_rows(tokenizer, template, qa)
         texts = [""] * len(ex)
         for idx in eval_tofu.by_length([len(e["prompt_ids"]) for e in ex], batch_size):
-            ids, attn = eval_tofu.left_pad([ex[i]["prompt_ids"] for i in idx], tokenizer.pad_token_id)
-            new = eval_tofu.greedy(model, ids, attn, max_length - ids.shape[1], tokenizer.eos_token_id,
-                                   tokenizer.pad_token_id)
-            for j, i in enumerate(idx):
-                texts[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
+            cap = max_length - max(len(ex[i]["prompt_ids"]) for i in idx)
+            for i, text in zip(idx, eval_tofu.generate(model, tokenizer, [ex[i] for i in idx], batch_size, cap)):
+                texts[i] = text
         out[name] = statistics.mean(eval_tofu.rouge_l_recall([r["answer"] for r in qa], texts))
     return out
 
